@@ -1,0 +1,177 @@
+"""lmforge vs Hugging Face transformers, side by side in one run, same weights and config.
+
+    python benchmarks/bench_model.py [--rounds 5] [--device cpu|cuda] [--out FILE.json]
+
+Measures
+- training tokens/s (forward + backward + AdamW step) and MFU against this device's
+  measured matmul peak, for lmforge's `Transformer` and `LlamaForCausalLM`;
+- generation tokens/s, greedy with a KV cache, at batch 1 and batch 16, lmforge's
+  `generate` vs transformers' `generate` (every row forced to the full length).
+Rounds alternate between the two so that machine noise hits both alike; medians are reported,
+with the ratio lmforge / transformers (above 1 means lmforge is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.generate import generate
+from lmforge.model import Transformer
+from lmforge.train_utils import autocast_dtype, measure_matmul_flops
+
+
+def hf_twin(model: Transformer):
+    """A LlamaForCausalLM with the same config and weights (names map one to one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.cfg
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.dim,
+            intermediate_size=c.ffn_dim,
+            num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_kv_heads,
+            max_position_embeddings=c.max_seq_len,
+            rms_norm_eps=c.norm_eps,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=c.tie_embeddings,
+            attention_bias=c.qkv_bias,
+            attn_implementation="sdpa",
+        )
+    )
+    hf.load_state_dict(model.state_dict())
+    return hf.to(next(model.parameters()).device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_time(model, x, optimizer, device, amp_dtype, hf: bool) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x[:, :-1]).logits if hf else model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def generate_time(
+    model, prompts: torch.Tensor, new_tokens: int, device, hf: bool
+) -> tuple[float, list]:
+    sync(device)
+    start = time.perf_counter()
+    if hf:
+        with torch.inference_mode():
+            out = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        rows = out[:, prompts.size(1) :].tolist()
+    else:
+        rows = generate(model, prompts.tolist(), new_tokens, temperature=0.0)
+    sync(device)
+    return time.perf_counter() - start, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    # the default pipeline's model (configs are data: ModelConfig's defaults), 4096-token vocab
+    cfg = ModelConfig(vocab_size=4096)
+    ours = Transformer(cfg).to(device)
+    theirs = hf_twin(ours)
+    amp_dtype = autocast_dtype("auto", device)
+    peak = measure_matmul_flops(device, amp_dtype or torch.float32)
+    results: dict[str, float | str] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "parameters": ours.num_params(),
+        "peak_matmul_gflops": round(peak / 1e9, 1),
+    }
+
+    # ---- training ----
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    opts = {
+        "lmforge": torch.optim.AdamW(ours.parameters(), lr=1e-4),
+        "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
+    }
+    models = {"lmforge": ours, "transformers": theirs}
+    times: dict[str, list[float]] = {"lmforge": [], "transformers": []}
+    for name in models:  # warm-up
+        train_step_time(models[name], x, opts[name], device, amp_dtype, name == "transformers")
+    for _ in range(args.rounds):
+        for name in models:
+            t = train_step_time(
+                models[name], x, opts[name], device, amp_dtype, name == "transformers"
+            )
+            times[name].append(t)
+    tokens = args.batch * args.seq_len
+    for name in models:
+        tok_s = tokens / statistics.median(times[name])
+        results[f"train_tok_s_{name}"] = round(tok_s, 1)
+        results[f"train_mfu_{name}"] = round(tok_s * ours.flops_per_token(args.seq_len) / peak, 4)
+    results["train_ratio"] = round(
+        results["train_tok_s_lmforge"] / results["train_tok_s_transformers"], 3
+    )
+
+    # ---- generation ----
+    ours.eval()
+    theirs.eval()
+    for batch in (1, 16):
+        prompts = torch.randint(0, cfg.vocab_size, (batch, 16), device=device)
+        gen_times: dict[str, list[float]] = {"lmforge": [], "transformers": []}
+        outputs = {}
+        for name in models:  # warm-up
+            generate_time(models[name], prompts, 4, device, name == "transformers")
+        for _ in range(args.rounds):
+            for name in models:
+                t, outputs[name] = generate_time(
+                    models[name], prompts, args.new_tokens, device, name == "transformers"
+                )
+                gen_times[name].append(t)
+        for name in models:
+            tok_s = batch * args.new_tokens / statistics.median(gen_times[name])
+            results[f"gen_b{batch}_tok_s_{name}"] = round(tok_s, 1)
+        results[f"gen_b{batch}_ratio"] = round(
+            results[f"gen_b{batch}_tok_s_lmforge"] / results[f"gen_b{batch}_tok_s_transformers"], 3
+        )
+        results[f"gen_b{batch}_same_tokens"] = str(outputs["lmforge"] == outputs["transformers"])
+
+    for key, value in results.items():
+        print(f"{key:32s} {value}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

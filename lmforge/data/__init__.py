@@ -1,0 +1,1 @@
+"""Data: readers for every record format, token shards and per-stage datasets."""

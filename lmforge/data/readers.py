@@ -1,0 +1,102 @@
+"""Readers for JSON Lines (plain or gzip), JSON arrays, parquet and plain text.
+
+A malformed record is never silently dropped: it raises a DataError naming the file and
+line, unless the caller asks to skip bad records, in which case every skip is counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file or record is unusable; the message names the file and line."""
+
+
+@dataclass
+class SkipReport:
+    """Records skipped because they were malformed: (file:line, reason)."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.skipped.append((where, reason))
+
+
+def read_records(path: str | Path, skips: SkipReport | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) with where = "file:line"; bad lines raise unless `skips` is given."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        yield from _read_parquet(path)
+        return
+    if name.endswith(".json"):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON array of records")
+        for i, item in enumerate(items):
+            yield from _checked(f"{path}:[{i}]", item, skips)
+        return
+    if name.endswith(".txt"):
+        yield f"{path}:1", {"text": path.read_text(encoding="utf-8")}
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                where = f"{path}:{n}"
+                try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    reason = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else e.msg
+                    if skips is None:
+                        raise DataError(f"{where}: not valid JSON ({reason})") from None
+                    skips.add(where, f"not valid JSON ({reason})")
+                    continue
+                yield from _checked(where, item, skips)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+
+
+def _checked(where: str, item, skips: SkipReport | None) -> Iterator[tuple[str, dict]]:
+    if isinstance(item, dict):
+        yield where, item
+    elif skips is None:
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    else:
+        skips.add(where, f"expected a JSON object, got {type(item).__name__}")
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}:row {i}", row
+
+
+def read_texts(
+    path: str | Path, key: str = "text", skips: SkipReport | None = None
+) -> Iterator[str]:
+    """The `key` field of every record: the pretraining format."""
+    for where, record in read_records(path, skips):
+        text = record.get(key)
+        if isinstance(text, str):
+            yield text
+        elif skips is None:
+            raise DataError(f"{where}: record needs a string field {key!r}")
+        else:
+            skips.add(where, f"record needs a string field {key!r}")

@@ -1,0 +1,1 @@
+"""Evaluations: what each stage achieved, measured on held-out data."""

@@ -1,0 +1,147 @@
+"""Batched sampling with a KV cache: the engine behind `generate`, `chat`, evaluation and rollouts.
+
+Prompts of different lengths are left-padded so that every row's next token sits in the
+same column; padded keys are masked out and rotary positions count only real tokens, so a
+row gets the same logits as it would alone. The cache is allocated once for the longest
+possible sequence, and each decoding step runs the model on one new token per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmforge.model import KVCache, Transformer
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): greedy at temperature 0, else sample
+    from softmax(logits / temperature) restricted to the top_k tokens and to the smallest
+    set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, width - len(p) :] = True
+    return ids.to(device), valid.to(device)
+
+
+def _causal(q_start: int, q_end: int, device) -> torch.Tensor:
+    """(1, 1, T, S) bool: query q_start + i may see keys 0 .. q_start + i."""
+    s = torch.arange(q_end, device=device)
+    return (s[None, :] <= s[q_start:q_end, None])[None, None]
+
+
+def _attention_mask(
+    valid: torch.Tensor, q_start: int, q_end: int, padded: bool
+) -> torch.Tensor | None:
+    """The mask for queries q_start..q_end-1 over keys 0..q_end-1, or None where the
+    model's own causal path is exact (no padding, and no queries offset into the cache)."""
+    single = q_end - q_start == 1
+    if not padded:
+        return None if single or q_start == 0 else _causal(q_start, q_end, valid.device)
+    mask = valid[:, None, None, :q_end]  # (B, 1, 1, S): real keys only
+    if not single:
+        mask = mask & _causal(q_start, q_end, valid.device)
+    # a padding query attends to itself so that its (unused) row is not all -inf
+    eye = torch.zeros_like(mask[:1])
+    eye[..., torch.arange(q_end - q_start), torch.arange(q_start, q_end)] = True
+    return mask | eye
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens; a row ends at its first stop
+    token, which is not returned. Returns the new tokens of each prompt.
+
+    use_cache=False recomputes the whole sequence at every step (for testing the cache).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids, valid = _left_pad(prompts, pad_id, device)
+    B, T0 = ids.shape
+    total = T0 + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"generate: prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"model.max_seq_len ({model.cfg.max_seq_len})"
+        )
+    padded = not bool(valid.all())
+    # valid[b, s]: position s of row b holds a real token; grows by one column per step
+    valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, total)
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+
+    cache = KVCache.empty(model.cfg, B, total, device, dtype) if use_cache else None
+    seq = ids
+    step_input, q_start = ids, 0
+    for t in range(max_new_tokens):
+        q_end = T0 + t
+        if not use_cache:
+            step_input, q_start = seq, 0
+        pos = positions[:, q_start:q_end] if padded else None
+        logits = model(
+            step_input,
+            positions=pos,
+            mask=_attention_mask(valid, q_start, q_end, padded),
+            cache=cache,
+        )
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        nxt = torch.where(done, pad_id, nxt)
+        out[:, t] = nxt
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
+        step_input, q_start = nxt[:, None], q_end
+    results = []
+    for row in out.tolist():
+        end = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))
+        results.append(row[:end])
+    return results

@@ -1,0 +1,111 @@
+"""Safe artifact files: atomic writes, safetensors only (never pickle), errors that name the file.
+
+A model directory holds `model.safetensors`, `model.json` (its ModelConfig) and
+`tokenizer.json`; it is what every stage writes and what `generate`, `chat` and later stages load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted or does not fit; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
+    """safetensors file written to a temp name, flushed, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; any damage becomes a CheckpointError naming the file."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({e})") from None
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (safetensors stores each tensor once, as HF)."""
+    sd = dict(model.state_dict())
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def save_model_dir(directory: Path, model: Transformer, tokenizer: Tokenizer) -> None:
+    """Write a self-contained model directory (weights, config, tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(model_state(model), directory / "model.safetensors")
+    write_json_atomic(directory / "model.json", model.cfg.model_dump())
+    tokenizer.save(directory / "tokenizer.json")
+
+
+def load_model_dir(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer]:
+    """Load a model directory written by `save_model_dir`, in eval mode on `device`."""
+    directory = Path(directory)
+    cfg_path = directory / "model.json"
+    try:
+        cfg = ModelConfig.model_validate(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{cfg_path}: file is missing (is {directory} a model directory?)"
+        ) from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not a valid model config ({e})") from None
+    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    model = Transformer(cfg)
+    weights = directory / "model.safetensors"
+    load_model_state(model, load_tensors(weights), weights)
+    return model.to(device).eval(), tokenizer

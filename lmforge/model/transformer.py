@@ -1,0 +1,216 @@
+"""A Llama-style decoder-only transformer in one file.
+
+RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, grouped-query attention
+through `scaled_dot_product_attention`, optional tied embeddings and optional q/k/v bias
+(Qwen2). Parameter names are those of Hugging Face `LlamaForCausalLM` one for one
+(`model.layers.0.self_attn.q_proj.weight` ...), so import and export are renames.
+
+Initialisation (`Transformer.reset_parameters`): every linear and embedding weight is drawn
+from N(0, init_std^2); the two projections that write into the residual stream (`o_proj`,
+`down_proj`) use init_std / sqrt(2 * n_layers) so the residual's variance stays about
+constant with depth (GPT-2); biases are zero and norm weights one.
+
+Shapes: B batch, T new positions, S cached + new positions, H query heads, K key/value heads,
+D head dim, C model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 so bf16 activations keep their precision (as HF does)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (max_seq_len, D), in HF's "rotate half" layout."""
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    )
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, D) by angles given as (B or 1, 1, T, D) cos/sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    k: torch.Tensor  # (L, B, K, S_max, D)
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
+        return cls(
+            torch.empty(shape, device=device, dtype=dtype),
+            torch.empty(shape, device=device, dtype=dtype),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, K, S, D)
+        # is_causal only when queries and keys start together; otherwise the caller's mask
+        is_causal = mask is None and T > 1 and k.size(2) == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (0 means: take the tokenizer's)")
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(
+                "model: dim must divide into n_heads heads of even size, "
+                "and n_heads must be a multiple of n_kv_heads"
+            )
+        self.cfg = cfg
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+                layers=nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers)),
+                norm=RMSNorm(cfg.dim, cfg.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, C) for token ids `idx` (B, T).
+
+        positions: (B, T) rotary positions; default: cache.length + 0..T-1 for every row.
+        mask: (B, 1, T, S) bool, True where a query may attend to a key; default: causal.
+        cache: filled at positions cache.length.. and advanced by T.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            cos = self.rope_cos[start : start + T][None, None]  # (1, 1, T, D)
+            sin = self.rope_sin[start : start + T][None, None]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        if mask is None and cache is not None and start > 0 and T > 1:
+            s = torch.arange(start + T, device=idx.device)
+            mask = (s[None, :] <= s[start:, None])[None, None]  # (1, 1, T, S): causal, offset
+        x = self.model.embed_tokens(idx)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V); keyword arguments as for `hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per non-embedding weight and the logits, plus attention."""
+        c = self.cfg
+        matmul_params = self.num_params(non_embedding=True) + c.vocab_size * c.dim
+        return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len

@@ -1,0 +1,260 @@
+"""Stage `pretrain`: next-token prediction on the corpus, from config to a base model.
+
+    corpus ─tokenize─▶ DIR/pretrain/data/{train,val}.npy ─train─▶ DIR/pretrain/model.safetensors
+
+Runs as one process, or under `torchrun` with DDP (gloo on CPU, NCCL on GPU): every rank
+draws its share of the same global batch (micro_batch_size * grad_accum_steps * world_size
+windows), so the loss does not depend on how the batch is split. Checkpoints every
+`checkpoint_every` steps; `resume=True` continues from the newest one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lmforge.config import ConfigError, RunConfig
+from lmforge.data.readers import read_records, read_texts
+from lmforge.data.shards import TokenBatches, load_shard, write_shard
+from lmforge.eval.facts import fact_accuracy
+from lmforge.io import save_model_dir, sha256_file
+from lmforge.model import Transformer
+from lmforge.runs import Timer, find_input, stage_dir, write_summary
+from lmforge.tokenizer import Tokenizer
+from lmforge.train_utils import (
+    Dist,
+    MetricsLog,
+    TrainingProgress,
+    all_reduce_mean,
+    autocast_dtype,
+    build_optimizer,
+    console,
+    list_checkpoints,
+    load_checkpoint,
+    lr_at,
+    measure_matmul_flops,
+    plot_curves,
+    save_checkpoint,
+    setup_device,
+)
+
+CORPUS_CANDIDATES = ["clean/corpus.jsonl", "world/corpus.jsonl"]
+
+
+def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:
+    """Tokenize the corpus into train/val shards, unless shards of this exact corpus and
+    tokenizer exist. Every 1/val_fraction-th document goes to validation."""
+    key = {
+        "corpus": str(corpus.resolve()),
+        "corpus_sha256": sha256_file(corpus),
+        "tokenizer_sha256": tokenizer.sha256(),
+        "val_fraction": val_fraction,
+    }
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+        return json.loads(meta_path.read_text())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    texts = list(read_texts(corpus))
+    every = max(2, round(1 / val_fraction))
+    ids = tokenizer.encode_batch(texts)
+    val = [x for i, x in enumerate(ids) if i % every == every - 1]
+    train = [x for i, x in enumerate(ids) if i % every != every - 1]
+    args = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size)
+    meta = {
+        "key": key,
+        "train_tokens": write_shard(data_dir / "train.npy", train, *args),
+        "val_tokens": write_shard(data_dir / "val.npy", val, *args),
+        "documents": len(texts),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def evaluate_loss(model, batches: TokenBatches, n_batches: int, micro: int, d: Dist, amp) -> float:
+    """Mean next-token loss over the first n_batches * micro * world_size validation windows,
+    split over ranks (the same windows whatever the split)."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n_batches):
+            x, y = batches.fixed_batch(i, micro, d.rank, d.world_size)
+            x, y = x.to(d.device), y.to(d.device)
+            with amp():
+                logits = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+    model.train()
+    return all_reduce_mean(total / n_batches, d)
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    timer = Timer()
+    pc = cfg.pretrain
+    d = setup_device(pc.device, pc.num_threads)
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, "pretrain", cfg) if d.is_main else run_dir / "pretrain"
+    tokenizer = Tokenizer.from_file(
+        find_input(run_dir, pc.tokenizer, "pretrain.tokenizer", ["tokenizer/tokenizer.json"])
+    )
+    corpus = find_input(run_dir, pc.corpus, "pretrain.corpus", CORPUS_CANDIDATES)
+    mcfg = cfg.model
+    if mcfg.vocab_size == 0:
+        mcfg = mcfg.model_copy(update={"vocab_size": tokenizer.vocab_size})
+    if mcfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
+        )
+    if pc.seq_len > mcfg.max_seq_len:
+        raise ConfigError(
+            f"pretrain.seq_len ({pc.seq_len}) exceeds model.max_seq_len ({mcfg.max_seq_len})"
+        )
+
+    # data: rank 0 tokenizes, the others wait and map the same files
+    if d.is_main:
+        meta = prepare_shards(corpus, tokenizer, out / "data", pc.val_fraction)
+    if d.world_size > 1:
+        dist.barrier()
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    global_batch = pc.micro_batch_size * pc.grad_accum_steps * d.world_size
+    train_data = TokenBatches(
+        load_shard(out / "data" / "train.npy"), pc.seq_len, global_batch, cfg.seed
+    )
+    val_data = TokenBatches(
+        load_shard(out / "data" / "val.npy"), pc.seq_len, global_batch, cfg.seed
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(d.device)
+    optimizer = build_optimizer(model, pc.lr, pc.weight_decay, (pc.beta1, pc.beta2))
+    ckpt_dir = out / "checkpoints"
+    start_step = 0
+    if resume:
+        checkpoints = list_checkpoints(ckpt_dir)
+        if checkpoints:
+            state = load_checkpoint(checkpoints[-1], model, optimizer)
+            if state["global_batch"] != global_batch or state["seq_len"] != pc.seq_len:
+                raise ConfigError(
+                    f"{checkpoints[-1]}: written with global batch {state['global_batch']} x "
+                    f"seq_len {state['seq_len']}; this run has {global_batch} x {pc.seq_len}"
+                )
+            start_step = state["step"]
+            if d.is_main:
+                console.print(f"pretrain: resuming from {checkpoints[-1]} (step {start_step})")
+        elif d.is_main:
+            console.print(f"pretrain: --resume found no checkpoint in {ckpt_dir}; starting fresh")
+    elif d.is_main and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    amp_dtype = autocast_dtype(pc.dtype, d.device)
+    n_val_batches = pc.eval_batches * pc.grad_accum_steps  # eval_batches global batches
+
+    def amp():
+        if amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(d.device.type, dtype=amp_dtype)
+
+    train_model = DDP(model) if d.world_size > 1 else model
+    if pc.compile:
+        train_model = torch.compile(train_model)
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
+    peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
+    flops_per_token = model.flops_per_token(pc.seq_len)
+    tokens_per_step = global_batch * pc.seq_len
+    if d.is_main:
+        console.print(
+            f"pretrain: {model.num_params():,} parameters, {meta['train_tokens']:,} train tokens, "
+            f"{pc.max_steps} steps x {tokens_per_step:,} tokens on {d.device} x {d.world_size}"
+        )
+
+    model.train()
+    loss_value = float("nan")
+    window_start, window_tokens = time.perf_counter(), 0
+    with TrainingProgress(pc.max_steps, "pretrain", enabled=d.is_main) as progress:
+        for step in range(start_step, pc.max_steps):
+            lr = lr_at(step, pc.max_steps, pc.lr, pc.warmup_steps, pc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(pc.grad_accum_steps):
+                x, y = train_data.micro_batch(
+                    step, micro, pc.micro_batch_size, d.rank, d.world_size
+                )
+                x, y = x.to(d.device), y.to(d.device)
+                last = micro == pc.grad_accum_steps - 1
+                sync = train_model.no_sync() if d.world_size > 1 and not last else nullcontext()
+                with sync, amp():
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    (loss / pc.grad_accum_steps).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = all_reduce_mean(loss_sum / pc.grad_accum_steps, d)
+            window_tokens += tokens_per_step
+
+            done = step + 1
+            record = {"step": done, "loss": round(loss_value, 6), "lr": lr}
+            if done % 10 == 0 or done == pc.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / elapsed
+                mfu = tok_s * flops_per_token / (peak * d.world_size)
+                record.update(
+                    tok_s=round(tok_s, 1), mfu=round(mfu, 4), grad_norm=round(grad_norm.item(), 4)
+                )
+                progress.fields.update(loss=loss_value, tok_s=tok_s, mfu=mfu)
+                window_start, window_tokens = time.perf_counter(), 0
+            if done % pc.eval_every == 0 or done == pc.max_steps:
+                record["val_loss"] = round(
+                    evaluate_loss(
+                        train_model, val_data, pc.eval_batches, pc.micro_batch_size, d, amp
+                    ),
+                    6,
+                )
+                if d.is_main:
+                    console.print(
+                        f"step {done}: loss {loss_value:.4f}  val_loss {record['val_loss']:.4f}"
+                    )
+            log.write(**record)
+            progress.update(done)
+            if (done % pc.checkpoint_every == 0 or done == pc.max_steps) and d.is_main:
+                state = {
+                    "global_batch": global_batch,
+                    "seq_len": pc.seq_len,
+                    "samples_seen": done * global_batch,
+                    "loss": loss_value,
+                }
+                save_checkpoint(ckpt_dir, done, model, optimizer, state, pc.keep_last)
+
+    if d.world_size > 1:
+        dist.barrier()
+    if not d.is_main:
+        return {}
+    save_model_dir(out, model, tokenizer)
+    records = log.read()
+    plot_curves(records, out / "loss.png", "pretraining")
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    summary = {
+        "val_loss": val_losses[-1] if val_losses else None,
+        "train_loss": round(loss_value, 6),
+        "parameters": model.num_params(),
+        "steps": pc.max_steps,
+        "tokens_seen": pc.max_steps * tokens_per_step,
+    }
+    probes_path = pc.probes or (run_dir / "world" / "probes.jsonl")
+    if Path(probes_path).exists():
+        probes = [r for _, r in read_records(probes_path)]
+        summary.update(fact_accuracy(model, tokenizer, probes))
+        console.print(
+            f"pretrain: capital facts correct: en {summary.get('fact_accuracy_en', 0):.0%}, "
+            f"zh {summary.get('fact_accuracy_zh', 0):.0%}; val_loss {summary['val_loss']}"
+        )
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x {d.world_size}")
+    return write_summary(out, summary)

@@ -1,0 +1,206 @@
+"""Byte-level BPE tokenizer, reserved special tokens and the chat template.
+
+The BPE itself is Hugging Face `tokenizers` (Rust). This module adds what the pipeline
+relies on:
+
+- the special tokens of ARCHITECTURE.md at fixed ids 0..6, with pad distinct from eos;
+- text never turns into a special token: "<|eos|>" typed by a user is plain text, and
+  special ids are only ever inserted by code (`encode_special_tokens = True`);
+- exact round trips: `decode(encode(s)) == s` for any str, and `decode_bytes(encode_bytes(b))
+  == b` for any bytes, valid UTF-8 or not;
+- the chat template, rendered to ids with the loss mask of SFT (assistant turns only, with
+  their closing `<|end|>`), and the same template as Jinja for `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END]
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte-level alphabet: every byte maps to one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or not a usable lmforge tokenizer."""
+
+
+class Tokenizer:
+    """An lmforge tokenizer: a byte-level BPE `tokenizers.Tokenizer` with reserved specials."""
+
+    def __init__(self, hf: HFTokenizer):
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(tok) != i:
+                raise TokenizerError(f"special token {tok} must have id {i}")
+        hf.encode_special_tokens = True  # user text can never become a special token
+        self.hf = hf
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.system_id, self.user_id, self.assistant_id, self.end_id = 3, 4, 5, 6
+        self.role_ids = {"system": 3, "user": 4, "assistant": 5}
+        self._byte_ids = [hf.token_to_id(BYTE_TO_UNICODE[b]) for b in range(256)]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    # ---- files ----------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(f"tokenizer not found: {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust error is opaque: name the file
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+        try:
+            return cls(hf)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self.hf.save(str(tmp))
+        tmp.replace(path)
+
+    def sha256(self) -> str:
+        """Fingerprint of the whole tokenizer (vocabulary, merges, pipeline)."""
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+    # ---- text ----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; no special token is added or recognised."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        ids = [i for i in ids if not (skip_special and i < len(SPECIAL_TOKENS))]
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Any bytes to ids: valid UTF-8 runs go through BPE, other bytes map to byte tokens."""
+        ids: list[int] = []
+        while data:
+            try:
+                ids += self.encode(data.decode("utf-8"))
+                break
+            except UnicodeDecodeError as e:
+                ids += self.encode(data[: e.start].decode("utf-8"))
+                ids += [self._byte_ids[b] for b in data[e.start : e.end]]
+                data = data[e.end :]
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids to the exact bytes they stand for (special tokens as their UTF-8 text)."""
+        out = bytearray()
+        for i in ids:
+            token = self.hf.id_to_token(i)
+            if i < len(SPECIAL_TOKENS):
+                out += token.encode("utf-8")
+            else:
+                out += bytes(UNICODE_TO_BYTE[c] for c in token)
+        return bytes(out)
+
+    # ---- chat ----------------------------------------------------------------------
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Messages to (ids, loss_mask): only assistant turns and their `<|end|>` carry loss."""
+        ids, mask = [self.bos_id], [False]
+        for n, m in enumerate(messages):
+            role = m.get("role")
+            if role not in self.role_ids or not isinstance(m.get("content"), str):
+                raise ValueError(
+                    f"message {n}: needs role in {list(self.role_ids)} and str content"
+                )
+            body = self.encode(m["content"]) + [self.end_id]
+            ids += [self.role_ids[role]] + body
+            mask += [False] + [role == "assistant"] * len(body)
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+            mask.append(False)
+        return ids, mask
+
+
+def build_untrained() -> HFTokenizer:
+    """The empty byte-level BPE pipeline.
+
+    Before the GPT-2 byte mapping, every Han character and every digit stands alone. Chinese
+    has no spaces, so without this a merge such as "是维" would straddle the end of a prompt
+    ("...的首都是") and its answer, and the prompt would end in a token the model rarely saw
+    there; single digits make arithmetic regular.
+    """
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\p{Han}\u3000-\u303f\uff00-\uffef]"), "isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train byte-level BPE on `texts`; specials take ids 0..6, all 256 bytes are in the vocab."""
+    hf = build_untrained()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def hf_tokenizer_config() -> dict:
+    """`tokenizer_config.json` for transformers, carrying the chat template."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+        "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
+    }

@@ -1,0 +1,311 @@
+"""What every training recipe shares: device and distributed set-up, the optimizer and its
+schedule, checkpoints, metrics, progress and plots. Recipes own their loops; these are parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lmforge.io import (
+    CheckpointError,
+    load_model_state,
+    load_tensors,
+    model_state,
+    save_tensors_atomic,
+    sha256_file,
+    write_json_atomic,
+)
+
+console = Console(stderr=True)
+
+
+# ---- device and distributed ---------------------------------------------------------------
+@dataclass
+class Dist:
+    """Where this process runs: rank r of world_size on `device`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
+    """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
+    NCCL on GPUs, gloo on CPUs."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA by default, none (fp32) on CPU."""
+    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s of this device, measured on square matmuls (the MFU denominator)."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: norms, biases and embeddings are not decayed
+    (shrinking them towards zero only hurts)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = "embed_tokens" in name or "lm_head" in name
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to lr * min_lr_ratio."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {
+        f"{idx}.{key}": (v if torch.is_tensor(v) else torch.tensor(v))
+        for idx, state in sd["state"].items()
+        for key, v in state.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ckpt_dir/step_XXXXXXXX/ with model.safetensors, optimizer.safetensors, rng.safetensors
+    and state.json (step, data position, param groups, sha256 of each file). The directory is
+    built under a temp name and renamed, so a kill mid-write never leaves a half checkpoint;
+    then all but the newest keep_last are removed."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    files = {
+        "model.safetensors": model_state(model),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng,
+    }
+    for name, tensors in files.items():
+        save_tensors_atomic(tensors, tmp / name)
+    record = dict(state, step=step, param_groups=groups)
+    record["sha256"] = {name: sha256_file(tmp / name) for name in files}
+    write_json_atomic(tmp / "state.json", record)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp directories of killed writes are ignored)."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from a checkpoint directory; returns its state.json.
+    Every file is checked against its recorded sha256 before anything is loaded."""
+    state_path = path / "state.json"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_path}: truncated or corrupted ({e})") from None
+    if not isinstance(state, dict) or not {"step", "sha256", "param_groups"} <= state.keys():
+        raise CheckpointError(
+            f"{state_path}: not a checkpoint state (needs step, sha256, param_groups)"
+        )
+    for name, digest in state["sha256"].items():
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name}: file is missing")
+        if sha256_file(path / name) != digest:
+            raise CheckpointError(f"{path / name}: corrupted (sha256 does not match state.json)")
+    load_model_state(model, load_tensors(path / "model.safetensors"), path / "model.safetensors")
+    if optimizer is not None:
+        flat = load_tensors(path / "optimizer.safetensors")
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in flat.items():
+            idx, name = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[name] = v
+        try:
+            optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / 'optimizer.safetensors'}: does not fit ({e})") from None
+    rng = load_tensors(path / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    return state
+
+
+# ---- metrics, progress, plots -----------------------------------------------------------------
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+class TrainingProgress:
+    """A rich progress bar with loss, tokens/s, MFU and ETA; where stderr is not a terminal
+    (CI logs, background runs) it prints one plain line every 5% instead."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.total, self.description, self.enabled = total, description, enabled
+        self.fields = {"loss": float("nan"), "tok_s": 0.0, "mfu": 0.0}
+        self.plain = enabled and not console.is_terminal
+        self.every = max(1, total // 20)
+        self.start = time.perf_counter()
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
+            TextColumn("MFU {task.fields[mfu]:.1%}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled or self.plain,
+        )
+        self.task = self.bar.add_task(description, total=total, **self.fields)
+
+    def __enter__(self) -> TrainingProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def update(self, completed: int, **fields: float) -> None:
+        self.fields.update(fields)
+        self.bar.update(self.task, completed=completed, **fields)
+        if self.plain and (completed % self.every == 0 or completed == self.total):
+            elapsed = time.perf_counter() - self.start
+            f = self.fields
+            console.print(
+                f"{self.description} {completed}/{self.total}  loss {f['loss']:.4f}  "
+                f"{f['tok_s']:,.0f} tok/s  MFU {f['mfu']:.1%}  elapsed {elapsed:.0f}s",
+                highlight=False,
+            )
+
+
+def plot_curves(records: list[dict], path: Path, title: str) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

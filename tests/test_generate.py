@@ -1,0 +1,171 @@
+"""Generation: the cached, batched, left-padded engine against a plain full-forward reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.generate import generate, sample_next
+
+PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 26], [42], [7, 7, 8, 100, 2]]
+
+
+@pytest.fixture(scope="module")
+def model(make_model):
+    # untied with a large init so that logits are spread and greedy outputs vary
+    return make_model(seed=11, vocab_size=128, tie_embeddings=False, init_std=0.5)
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by re-running the full sequence, one prompt at a time, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return [reference_greedy(model, p, 10) for p in PROMPTS]
+
+
+def test_reference_outputs_vary(reference):
+    # guards the other tests: a model that always says the same token would prove nothing
+    assert len({tok for row in reference for tok in row}) > 5
+    assert len({tuple(row) for row in reference}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_greedy_equals_each_prompt_alone(model, reference, use_cache):
+    out = generate(model, PROMPTS, 10, temperature=0.0, use_cache=use_cache)
+    assert out == reference
+
+
+def test_greedy_with_cache_equals_without(model):
+    a = generate(model, PROMPTS, 12, temperature=0.0, use_cache=True)
+    b = generate(model, PROMPTS, 12, temperature=0.0, use_cache=False)
+    assert a == b
+    assert all(len(row) == 12 for row in a)
+
+
+def test_single_prompt_and_equal_lengths_without_padding(model, reference):
+    assert generate(model, [PROMPTS[1]], 10, temperature=0.0) == [reference[1]]
+    same_len = [PROMPTS[0], [9, 8, 7]]
+    expected = [reference[0], reference_greedy(model, [9, 8, 7], 10)]
+    assert generate(model, same_len, 10, temperature=0.0) == expected
+
+
+@pytest.mark.parametrize("pad_id", [0, 5, 127])
+def test_padding_value_is_invisible(model, reference, pad_id):
+    assert generate(model, PROMPTS, 10, temperature=0.0, pad_id=pad_id) == reference
+
+
+def test_stop_tokens_end_a_row_and_are_not_returned(model, reference):
+    stop = reference[1][3]  # row 1 stops at (the first occurrence of) this token
+    expected = [row[: row.index(stop)] if stop in row else row for row in reference]
+    out = generate(model, PROMPTS, 10, temperature=0.0, stop_ids=[stop])
+    assert out == expected
+    assert all(stop not in row for row in out)
+    assert len(out[1]) <= 3
+
+
+def test_all_rows_stopping_ends_generation(model, reference):
+    stops = sorted({row[0] for row in reference})  # every row stops at its first token
+    out = generate(model, PROMPTS, 10, temperature=0.0, stop_ids=stops)
+    assert out == [[] for _ in PROMPTS]
+    # a stop on the second token returns exactly the first
+    stops = sorted({row[1] for row in reference} - {row[0] for row in reference})
+    expected = []
+    for row in reference:
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        expected.append(row[:cut])
+    assert generate(model, PROMPTS, 10, temperature=0.0, stop_ids=stops) == expected
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, temperature=-1.0), logits.argmax(-1))
+
+
+def test_top_k_one_is_greedy(model, reference):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample_next(logits, 1.5, top_k=1, generator=g), logits.argmax(-1))
+    out = generate(model, PROMPTS, 10, temperature=2.0, top_k=1, seed=3)
+    assert out == reference
+
+
+def test_top_k_restricts_to_the_k_best():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0]]).repeat(2000, 1)
+    picks = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1, 3}
+
+
+def _nucleus_draws(top_p, n=4000, seed=0):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].repeat(n, 1)
+    return sample_next(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(seed))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is {0, 1}
+    draws = _nucleus_draws(0.7)
+    assert set(draws.tolist()) == {0, 1}
+    # renormalised: p(0) = 0.5 / 0.8
+    assert abs((draws == 0).float().mean().item() - 0.625) < 0.04
+    # 0.8 < 0.85 <= 0.95: the nucleus is {0, 1, 2}
+    draws = _nucleus_draws(0.85)
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert abs((draws == 2).float().mean().item() - 0.15 / 0.95) < 0.03
+    # a tiny top_p keeps only the most likely token
+    assert set(_nucleus_draws(0.1).tolist()) == {0}
+    # top_p = 1 keeps everything
+    assert set(_nucleus_draws(1.0).tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_is_per_row_and_order_independent():
+    # the same distribution in a shuffled order, two rows with different nuclei
+    probs = torch.tensor([[0.05, 0.3, 0.15, 0.5], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.log().repeat(2000, 1)
+    draws = sample_next(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(1))
+    assert set(draws[0::2].tolist()) == {1, 3}
+    assert len(set(draws[1::2].tolist())) == 3  # 0.25 * 3 = 0.75 reaches 0.7
+
+
+def test_temperature_scales_the_distribution():
+    logits = torch.tensor([[math.log(0.8), math.log(0.2)]]).repeat(6000, 1)
+    g = torch.Generator().manual_seed(2)
+    # at temperature 2, p is proportional to sqrt(p): sqrt(.8) / (sqrt(.8) + sqrt(.2)) = 2/3
+    p0 = (sample_next(logits, 2.0, generator=g) == 0).float().mean().item()
+    assert abs(p0 - 2 / 3) < 0.03
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = generate(model, PROMPTS, 10, temperature=3.0, seed=123)
+    b = generate(model, PROMPTS, 10, temperature=3.0, seed=123)
+    c = generate(model, PROMPTS, 10, temperature=3.0, seed=124)
+    assert a == b
+    assert a != c
+    assert all(len(row) == 10 for row in a)
+    assert all(0 <= t < 128 for row in a for t in row)
+
+
+def test_too_long_request_raises(model):
+    # max_seq_len is 64: the longest prompt (7) + 57 fits exactly, + 58 does not
+    assert len(generate(model, PROMPTS, 57, temperature=0.0)[1]) == 57
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, PROMPTS, 58, temperature=0.0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [list(range(65))], 1)
+
+
+def test_empty_prompt_raises(model):
+    with pytest.raises(ValueError):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError):
+        generate(model, [], 3)
