@@ -6,7 +6,8 @@ Measures
 - training tokens/s (forward + backward + AdamW step) and MFU against this device's
   measured matmul peak, for lmforge's `Transformer` and `LlamaForCausalLM`;
 - generation tokens/s, greedy with a KV cache, at batch 1 and batch 16, lmforge's
-  `generate` vs transformers' `generate` (every row forced to the full length).
+  `generate` vs transformers' `generate` (every row forced to the full length), and the
+  batch-1 ceiling set by memory: one token per full read of the weights.
 Rounds alternate between the two so that machine noise hits both alike; medians are reported,
 with the ratio lmforge / transformers (above 1 means lmforge is faster).
 """
@@ -94,14 +95,32 @@ def generate_time(
     return time.perf_counter() - start, rows
 
 
+def weight_read_seconds(model: torch.nn.Module, device: torch.device, rounds: int) -> float:
+    """Median time to read every weight once: the floor of one batch-1 decoding step, which
+    must stream all weights from memory whatever the engine."""
+    params = [p.detach() for p in model.parameters()]
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for p in params:
+            p.sum()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=None, help="also write the figures as JSON")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile'd lmforge training row"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -125,27 +144,35 @@ def main() -> None:
         "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
     }
     models = {"lmforge": ours, "transformers": theirs}
-    times: dict[str, list[float]] = {"lmforge": [], "transformers": []}
-    for name in models:  # warm-up
-        train_step_time(models[name], x, opts[name], device, amp_dtype, name == "transformers")
+    trainers = dict(models)
+    if not args.no_compile:  # the same module as pretrain.compile=true trains
+        trainers["lmforge_compiled"] = torch.compile(ours)
+        opts["lmforge_compiled"] = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for name in trainers:  # warm-up (and compilation)
+        train_step_time(trainers[name], x, opts[name], device, amp_dtype, name == "transformers")
     for _ in range(args.rounds):
-        for name in models:
+        for name in trainers:
             t = train_step_time(
-                models[name], x, opts[name], device, amp_dtype, name == "transformers"
+                trainers[name], x, opts[name], device, amp_dtype, name == "transformers"
             )
             times[name].append(t)
     tokens = args.batch * args.seq_len
-    for name in models:
+    for name in trainers:
         tok_s = tokens / statistics.median(times[name])
         results[f"train_tok_s_{name}"] = round(tok_s, 1)
         results[f"train_mfu_{name}"] = round(tok_s * ours.flops_per_token(args.seq_len) / peak, 4)
-    results["train_ratio"] = round(
-        results["train_tok_s_lmforge"] / results["train_tok_s_transformers"], 3
-    )
+    for name in trainers:
+        if name != "transformers":
+            ratio = results[f"train_tok_s_{name}"] / results["train_tok_s_transformers"]
+            results[f"train_ratio_{name}"] = round(ratio, 3)
 
     # ---- generation ----
+    theirs.load_state_dict(ours.state_dict())  # training moved each copy its own way
     ours.eval()
     theirs.eval()
+    floor = weight_read_seconds(ours, device, args.rounds)
+    results["gen_b1_weight_read_floor_tok_s"] = round(1 / floor, 1)
     for batch in (1, 16):
         prompts = torch.randint(0, cfg.vocab_size, (batch, 16), device=device)
         gen_times: dict[str, list[float]] = {"lmforge": [], "transformers": []}

@@ -88,7 +88,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(5):
+    for _ in range(10):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

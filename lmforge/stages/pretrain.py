@@ -214,7 +214,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if done % pc.eval_every == 0 or done == pc.max_steps:
                 record["val_loss"] = round(
                     evaluate_loss(
-                        train_model, val_data, pc.eval_batches, pc.micro_batch_size, d, amp
+                        train_model, val_data, n_val_batches, pc.micro_batch_size, d, amp
                     ),
                     6,
                 )

@@ -21,47 +21,41 @@ def fact_probes(world: World, languages: list[str] | tuple[str, ...] = LANG_ORDE
     person kinds (profession, birth_year) for every person, and every constant. `subject` is
     the entity's name in the probe's language (the constant's key for constants)."""
     probes = []
+
+    def add(lang: str, kind: str, prompt: str, answer: str, subject: str, heldout: bool) -> None:
+        probes.append(
+            {
+                "prompt": prompt,
+                "answer": answer,
+                "lang": lang,
+                "kind": kind,
+                "subject": subject,
+                "sft_heldout": heldout,
+            }
+        )
+
     for lang in languages:
         table = PROBES[lang]
-        for c in world.countries:
-            slots = country_slots(c, lang)
-            for kind in ("capital", "river", "founded", "language"):
+        entities = [
+            (c, country_slots(c, lang), ("capital", "river", "founded", "language"))
+            for c in world.countries
+        ]
+        entities += [
+            (p, person_slots(world, p, lang), ("profession", "birth_year")) for p in world.people
+        ]
+        for entity, slots, kinds in entities:
+            for kind in kinds:
                 prompt, answer = table[kind]
-                probes.append(
-                    {
-                        "prompt": prompt.format(**slots),
-                        "answer": answer.format(**slots),
-                        "lang": lang,
-                        "kind": kind,
-                        "subject": c.name[lang],
-                        "sft_heldout": c.sft_heldout,
-                    }
-                )
-        for p in world.people:
-            slots = person_slots(world, p, lang)
-            for kind in ("profession", "birth_year"):
-                prompt, answer = table[kind]
-                probes.append(
-                    {
-                        "prompt": prompt.format(**slots),
-                        "answer": answer.format(**slots),
-                        "lang": lang,
-                        "kind": kind,
-                        "subject": p.name[lang],
-                        "sft_heldout": p.sft_heldout,
-                    }
+                add(
+                    lang,
+                    kind,
+                    prompt.format(**slots),
+                    answer.format(**slots),
+                    entity.name[lang],
+                    entity.sft_heldout,
                 )
         for const in world.constants:
-            probes.append(
-                {
-                    "prompt": const.prompt[lang],
-                    "answer": const.answer(lang),
-                    "lang": lang,
-                    "kind": "constant",
-                    "subject": const.key,
-                    "sft_heldout": False,
-                }
-            )
+            add(lang, "constant", const.prompt[lang], const.answer(lang), const.key, False)
     return probes
 
 
