@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
 from lmforge.model import Transformer
-from lmforge.train_utils import autocast_dtype, measure_matmul_flops
+from lmforge.train_utils import autocast, autocast_dtype, measure_matmul_flops
 
 
 def hf_twin(model: Transformer):
@@ -61,7 +61,7 @@ def sync(device: torch.device) -> None:
 def train_step_time(model, x, optimizer, device, amp_dtype, hf: bool) -> float:
     sync(device)
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         logits = model(x[:, :-1]).logits if hf else model(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
     loss.backward()

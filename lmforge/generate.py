@@ -121,25 +121,26 @@ def generate(
     cache = KVCache.empty(model.cfg, B, total, device, dtype) if use_cache else None
     seq = ids
     step_input, q_start = ids, 0
-    for t in range(max_new_tokens):
-        q_end = T0 + t
-        if not use_cache:
-            step_input, q_start = seq, 0
-        pos = positions[:, q_start:q_end] if padded else None
-        logits = model(
-            step_input,
-            positions=pos,
-            mask=_attention_mask(valid, q_start, q_end, padded),
-            cache=cache,
-        )
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        nxt = torch.where(done, pad_id, nxt)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, stop)
-        if bool(done.all()):
-            break
-        seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
-        step_input, q_start = nxt[:, None], q_end
+    with model.inference_layout():
+        for t in range(max_new_tokens):
+            q_end = T0 + t
+            if not use_cache:
+                step_input, q_start = seq, 0
+            pos = positions[:, q_start:q_end] if padded else None
+            logits = model(
+                step_input,
+                positions=pos,
+                mask=_attention_mask(valid, q_start, q_end, padded),
+                cache=cache,
+            )
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            nxt = torch.where(done, pad_id, nxt)
+            out[:, t] = nxt
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
+            step_input, q_start = nxt[:, None], q_end
     results = []
     for row in out.tolist():
         end = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))

@@ -4,6 +4,7 @@ schedule, checkpoints, metrics, progress and plots. Recipes own their loops; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -72,6 +73,13 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or nothing when dtype is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def all_reduce_mean(value: float, d: Dist) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import WorldConfig
+from lmforge.io import write_text_atomic
 from lmforge.world import (
     ANSWER_PREFIX,
     BAD_LICENSES,
@@ -18,7 +19,6 @@ from lmforge.world import (
     HARMFUL_WEAPONS,
     NOISE_KINDS,
     STAGE_FILES,
-    atomic_write_text,
     build_world,
     capital_sentence,
     eval_arithmetic,
@@ -416,14 +416,14 @@ def test_write_world_writes_every_file(tmp_path):
 
 def test_atomic_write_leaves_no_trace_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "x.jsonl"
-    atomic_write_text(target, "old\n")
+    write_text_atomic(target, "old\n")
 
     def boom(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        atomic_write_text(target, "new\n")
+        write_text_atomic(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]
 

@@ -16,7 +16,9 @@ D head dim, C model dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,23 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can multiply by a transposed, contiguous copy of its weight.
+
+    Decoding multiplies one row per sequence by every weight; on CPUs, MKL's product with
+    the (out, in) weight of nn.Linear runs ~1.6x slower than `x @ weight_t` with weight_t
+    stored (in, out). `Transformer.inference_layout()` makes those copies for the length of
+    a `generate` call; parameters, gradients and the state dict are untouched."""
+
+    weight_t: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +98,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -108,9 +127,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,7 +166,7 @@ class Transformer(nn.Module):
                 norm=RMSNorm(cfg.dim, cfg.norm_eps),
             )
         )
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rope_tables(cfg)
@@ -200,6 +219,19 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, V); keyword arguments as for `hidden_states`."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    @contextlib.contextmanager
+    def inference_layout(self) -> Iterator[None]:
+        """Within this block, linear layers on CPU use transposed weight copies (see Linear)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        use = next(self.parameters()).device.type == "cpu"
+        for m in linears:
+            m.weight_t = m.weight.detach().t().contiguous() if use else None
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.weight_t = None
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from lmforge.train_utils import (
     MetricsLog,
     TrainingProgress,
     all_reduce_mean,
+    autocast,
     autocast_dtype,
     build_optimizer,
     console,
@@ -118,7 +120,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     # data: rank 0 tokenizes, the others wait and map the same files
     if d.is_main:
-        meta = prepare_shards(corpus, tokenizer, out / "data", pc.val_fraction)
+        prepare_shards(corpus, tokenizer, out / "data", pc.val_fraction)
     if d.world_size > 1:
         dist.barrier()
     meta = json.loads((out / "data" / "meta.json").read_text())
@@ -147,18 +149,19 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             start_step = state["step"]
             if d.is_main:
                 console.print(f"pretrain: resuming from {checkpoints[-1]} (step {start_step})")
+                # steps after the checkpoint are trained again: drop their old records
+                kept = [
+                    r for r in MetricsLog(out / "metrics.jsonl").read() if r["step"] <= start_step
+                ]
+                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif d.is_main:
             console.print(f"pretrain: --resume found no checkpoint in {ckpt_dir}; starting fresh")
     elif d.is_main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     amp_dtype = autocast_dtype(pc.dtype, d.device)
+    amp = partial(autocast, d.device, amp_dtype)
     n_val_batches = pc.eval_batches * pc.grad_accum_steps  # eval_batches global batches
-
-    def amp():
-        if amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(d.device.type, dtype=amp_dtype)
 
     train_model = DDP(model) if d.world_size > 1 else model
     if pc.compile:

@@ -28,7 +28,7 @@ from .entities import (
 from .noise import BAD_LICENSES, NOISE_KINDS, mojibake, unmojibake
 from .probes import fact_probes, probe_text
 from .templates import capital_sentence
-from .writer import STAGE_FILES, atomic_write_text, write_world
+from .writer import STAGE_FILES, write_world
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -45,7 +45,6 @@ __all__ = [
     "Person",
     "Problem",
     "World",
-    "atomic_write_text",
     "build_world",
     "capital_sentence",
     "eval_arithmetic",

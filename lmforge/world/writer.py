@@ -11,13 +11,12 @@ and so on, and are then written by the same call, atomically, with their counts 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import WorldConfig
+from lmforge.io import write_text_atomic
 
 from .arithmetic import eval_arithmetic
 from .corpus import heldout_documents, pretraining_documents
@@ -34,22 +33,6 @@ STAGE_FILES: dict[str, Generator] = {
     "probes.jsonl": lambda world, cfg: fact_probes(world, cfg.languages),
     "eval_arithmetic.jsonl": eval_arithmetic,
 }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and a rename,
-    so a reader never sees a half-written file and a crash leaves no partial output."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_jsonl(records: list[dict]) -> str:
@@ -90,13 +73,13 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
-    atomic_write_text(
+    write_text_atomic(
         out_dir / "facts.json", json.dumps(world.to_dict(), ensure_ascii=False, indent=1) + "\n"
     )
     summary: dict = {"n_countries": len(world.countries), "n_people": len(world.people)}
     for name, generate in STAGE_FILES.items():
         records = generate(world, cfg)
-        atomic_write_text(out_dir / name, to_jsonl(records))
+        write_text_atomic(out_dir / name, to_jsonl(records))
         if name == "corpus.jsonl":
             summary.update(corpus_stats(records, world, list(cfg.languages)))
         else:
