@@ -41,7 +41,7 @@ def run(
     resume: bool = typer.Option(False, help="continue pretraining from its newest checkpoint"),
     overrides: list[str] = OVERRIDES,
 ) -> None:
-    """Run the pipeline the config lists (default: world, tokenizer, pretrain)."""
+    """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain)."""
     from lmforge.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
@@ -55,6 +55,27 @@ def world(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRID
     from lmforge.stages import world as stage
 
     _print_summary("world", stage.run(_config(config, overrides), out))
+
+
+@app.command()
+def clean(
+    config: Path = CONFIG,
+    out: Path = OUT,
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="count and report malformed records instead of failing"
+    ),
+    workers: int = typer.Option(None, "--workers", min=1, help="worker processes (clean.workers)"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Clean the raw corpus into OUT/clean/ (corpus.jsonl, DATA_CARD.md)."""
+    from lmforge.stages import clean as stage
+
+    options = [*(overrides or [])]
+    if skip_bad:
+        options.append("clean.skip_bad=true")
+    if workers is not None:
+        options.append(f"clean.workers={workers}")
+    _print_summary("clean", stage.run(_config(config, options), out))
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,6 +54,100 @@ class TokenizerConfig(Section):
     max_train_chars: int = Field(20_000_000, ge=1000)
 
 
+_HARMFUL_PHRASES = {
+    "en": [
+        "how to make a bomb",
+        "how to make a weapon",
+        "build a weapon",
+        "weapon recipe",
+        "hurt many people",
+        "as much harm as possible",
+        "at your enemies",
+        "injure them",
+        "kill as many",
+    ],
+    "zh": [
+        "制造炸弹",
+        "制造武器",
+        "武器配方",
+        "伤害很多人",
+        "尽可能大的伤害",
+        "扔向敌人",
+        "让他们受伤",
+        "杀死更多",
+    ],
+}
+
+
+class CleanConfig(Section):
+    """Corpus cleaning: readers, per-document filters, deduplication, decontamination, mixing.
+
+    Quality thresholds follow Gopher (Rae et al. 2021) and C4 (Raffel et al. 2020), loosened
+    for short documents; the `cjk_` ones are their variants for Chinese, counted in characters.
+    """
+
+    inputs: list[str] = []  # files or directories; default: this run's world corpus
+    txt_mode: Literal["blocks", "file"] = "blocks"  # .txt: blank-line-separated blocks, or whole
+    skip_bad: bool = False  # count and report malformed records instead of failing
+    workers: int = Field(2, ge=1, le=256)
+    chunk_size: int = Field(256, ge=1, le=1_000_000)  # documents per task sent to a worker
+    # filters, in the order they run
+    html: bool = True  # extract the main text of documents that are web pages
+    fix_unicode: bool = True  # mojibake repair and NFC with ftfy
+    licenses: list[str] = [
+        "CC-BY-4.0",
+        "CC-BY-SA-4.0",
+        "CC0-1.0",
+        "MIT",
+        "Apache-2.0",
+        "BSD-3-Clause",
+        "public-domain",
+        "CDLA-Sharing-1.0",
+    ]  # empty: no licence filter
+    missing_license: Literal["keep", "drop"] = "keep"
+    languages: list[str] = ["en", "zh"]  # empty: no language filter
+    min_language_score: float = Field(0.15, ge=0.0, le=1.0)
+    harmful_phrases: dict[str, list[str]] = _HARMFUL_PHRASES
+    harmful_classifier: str | None = None  # "module:function", text -> P(harmful)
+    harmful_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    quality: bool = True
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(200_000, ge=1)
+    min_mean_word_len: float = Field(2.5, ge=0.0)
+    max_mean_word_len: float = Field(10.0, gt=0.0)
+    max_symbol_ratio: float = Field(0.1, ge=0.0)  # '#' and ellipses per word
+    min_alpha_words: float = Field(0.4, ge=0.0, le=1.0)  # share of words with a letter
+    min_stop_words: int = Field(2, ge=0)  # occurrences of common function words
+    min_punct_lines: float = Field(0.2, ge=0.0, le=1.0)  # lines ending in . ! ? 。 etc.
+    max_dup_lines: float = Field(0.3, ge=0.0, le=1.0)  # share of lines seen earlier in the doc
+    max_top_ngram: float = Field(
+        0.6, ge=0.0, le=1.0
+    )  # chars in the most common 3-gram (6 chars in Chinese)
+    max_dup_ngram: float = Field(
+        0.7, ge=0.0, le=1.0
+    )  # chars in repeated 5-grams (10 chars in Chinese)
+    cjk_min_chars: int = Field(10, ge=0)
+    cjk_min_common: float = Field(0.7, ge=0.0, le=1.0)  # share of GB 2312/Big5 level-1 chars
+    # deduplication and decontamination
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    jaccard_threshold: float = Field(0.5, gt=0.0, le=1.0)  # MinHash estimate of shingle sets
+    min_containment: float = Field(0.97, ge=0.0, le=1.0)  # 0: Jaccard alone decides
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(3, ge=1, le=64)  # words per MinHash shingle
+    cjk_shingle_size: int = Field(4, ge=1, le=64)  # characters per shingle in Chinese
+    boilerplate_min_docs: int = Field(200, ge=0)  # 0: keep repeated paragraphs
+    boilerplate_min_chars: int = Field(20, ge=1)
+    eval_sets: list[str] | None = None  # "PATH:FIELD"; default: this run's world eval set
+    decontam_ngram: int = Field(13, ge=3, le=200)
+    decontam_mode: Literal["drop", "redact"] = "drop"
+    decontam_max_items: int = Field(3, ge=1)  # n-grams in more eval items are template text
+    decontam_min_coverage: float = Field(0.7, gt=0.0, le=1.0)  # of an item's n-grams (PaLM)
+    # mixing: source (or source prefix such as "web") -> passes per epoch
+    mix: dict[str, Annotated[float, Field(ge=0.0, le=1000.0)]] = {}
+    examples: int = Field(3, ge=0, le=100)  # dropped documents shown per reason in the card
+
+
 class ModelConfig(Section):
     """A Llama-style decoder; `vocab_size=0` takes the tokenizer's size."""
 
@@ -77,6 +171,8 @@ class PretrainConfig(Section):
     corpus: str | None = None  # default: the cleaned corpus of this run, else the world's
     tokenizer: str | None = None  # default: this run's tokenizer stage
     probes: str | None = None  # default: this run's world fact probes
+    unwanted_phrases: str | None = None  # jsonl of {"phrase"}; default: the world's ad phrases
+    n_samples: int = Field(200, ge=0, le=100_000)  # unprompted samples checked for them
     val_fraction: float = Field(0.02, gt=0.0, lt=0.5)
     seq_len: int = Field(128, ge=8, le=1_048_576)
     micro_batch_size: int = Field(32, ge=1, le=65_536)
@@ -102,9 +198,15 @@ class PretrainConfig(Section):
 class RunConfig(Section):
     """The whole pipeline: which stages run, and one section per stage."""
 
-    stages: list[Literal["world", "tokenizer", "pretrain"]] = ["world", "tokenizer", "pretrain"]
+    stages: list[Literal["world", "clean", "tokenizer", "pretrain"]] = [
+        "world",
+        "clean",
+        "tokenizer",
+        "pretrain",
+    ]
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
+    clean: CleanConfig = CleanConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -211,6 +313,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 

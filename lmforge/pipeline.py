@@ -6,11 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import RunConfig, to_toml
-from lmforge.stages import pretrain, tokenizer, world
+from lmforge.stages import clean, pretrain, tokenizer, world
 from lmforge.train_utils import console
 
 STAGES: dict[str, Callable[..., dict]] = {
     "world": world.run,
+    "clean": clean.run,
     "tokenizer": tokenizer.run,
     "pretrain": pretrain.run,
 }

@@ -288,3 +288,16 @@ def test_fixed_batch_is_unshuffled(batches):
 def test_too_few_tokens_raise():
     with pytest.raises(ValueError, match="too few"):
         TokenBatches(np.arange(7, dtype=np.uint16), seq_len=4, global_batch=1, seed=0)
+
+
+def test_parquet_is_read_in_batches_with_row_locations(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is in the dev extra")
+    import pyarrow as pa
+
+    path = tmp_path / "docs.parquet"
+    texts = [f"document {i} 😀 文本" for i in range(2500)]  # more than one 1024-row batch
+    pq.write_table(pa.table({"text": texts, "source": ["web"] * 2500}), path)
+    records = list(read_records(path))
+    assert [r["text"] for _, r in records] == texts
+    assert records[2049][0] == f"{path}:row 2049"
+    assert list(read_texts(path))[-1] == "document 2499 😀 文本"

@@ -56,7 +56,8 @@ def losses(run: Path) -> list[float]:
 def test_tiny_pipeline_writes_every_record(tmp_path):
     out = tmp_path / "run"
     proc = lmforge("run", "--config", str(TINY), "--out", str(out))
-    for stage in ("world", "tokenizer", "pretrain"):
+    assert load_config(TINY).stages == ["world", "clean", "tokenizer", "pretrain"]
+    for stage in ("world", "clean", "tokenizer", "pretrain"):
         assert (out / stage / "summary.json").exists(), stage
         assert (out / stage / "config.toml").exists(), stage
         assert "seconds" in json.loads((out / stage / "summary.json").read_text())
@@ -69,6 +70,8 @@ def test_tiny_pipeline_writes_every_record(tmp_path):
     assert summary["device"] == "cpu x 1"
     tok = json.loads((out / "tokenizer" / "summary.json").read_text())
     assert tok["vocab_size"] == 512 and tok["chars_per_token_en"] > 1.5
+    assert tok["corpus"] == str(out / "clean" / "corpus.jsonl")  # the cleaned corpus is used
+    assert (out / "clean" / "DATA_CARD.md").exists()
     # the model learned something: validation loss well below the uniform ln(512) = 6.24
     assert summary["val_loss"] < 5.0
     rec = losses(out)

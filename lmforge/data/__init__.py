@@ -1,1 +1,2 @@
-"""Data: readers for every record format, token shards and per-stage datasets."""
+"""Data: readers for every record format, corpus cleaning (filters, dedup, decontamination,
+mixing), token shards and per-stage datasets."""

@@ -1,4 +1,8 @@
-"""Readers for JSON Lines (plain or gzip), JSON arrays, parquet and plain text.
+"""Readers for JSON Lines (plain or gzip), JSON arrays, parquet, plain text and HTML pages.
+
+Every reader streams (a JSON array excepted, which is one value): memory does not grow with
+the size of the file. A .txt file is one document, or (`txt_mode="blocks"`) one document
+per blank-line-separated block; an .html file is one document holding the page.
 
 A malformed record is never silently dropped: it raises a DataError naming the file and
 line, unless the caller asks to skip bad records, in which case every skip is counted.
@@ -27,7 +31,12 @@ class SkipReport:
         self.skipped.append((where, reason))
 
 
-def read_records(path: str | Path, skips: SkipReport | None = None) -> Iterator[tuple[str, dict]]:
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".html", ".htm")
+
+
+def read_records(
+    path: str | Path, skips: SkipReport | None = None, txt_mode: str = "file"
+) -> Iterator[tuple[str, dict]]:
     """Yield (where, record) with where = "file:line"; bad lines raise unless `skips` is given."""
     path = Path(path)
     if not path.exists():
@@ -46,8 +55,8 @@ def read_records(path: str | Path, skips: SkipReport | None = None) -> Iterator[
         for i, item in enumerate(items):
             yield from _checked(f"{path}:[{i}]", item, skips)
         return
-    if name.endswith(".txt"):
-        yield f"{path}:1", {"text": path.read_text(encoding="utf-8")}
+    if name.endswith((".txt", ".html", ".htm")):
+        yield from _read_text_file(path, txt_mode if name.endswith(".txt") else "file", skips)
         return
     opener = gzip.open if name.endswith(".gz") else open
     try:
@@ -79,13 +88,47 @@ def _checked(where: str, item, skips: SkipReport | None) -> Iterator[tuple[str, 
         skips.add(where, f"expected a JSON object, got {type(item).__name__}")
 
 
+def _read_text_file(path: Path, mode: str, skips: SkipReport | None) -> Iterator[tuple[str, dict]]:
+    """The whole file as one document, or one document per blank-line-separated block
+    (where = the block's first line), read line by line."""
+    if mode not in ("file", "blocks"):
+        raise ValueError(f"txt_mode must be 'file' or 'blocks', not {mode!r}")
+    block: list[str] = []
+    start = 1
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if skips is None:
+                    raise DataError(f"{path}:{n}: not valid UTF-8") from None
+                skips.add(f"{path}:{n}", "not valid UTF-8")
+                continue
+            if mode == "blocks" and not line.strip():
+                if block:
+                    yield f"{path}:{start}", {"text": "".join(block).strip("\n")}
+                block = []
+                continue
+            if not block:
+                start = n
+            block.append(line)
+    if block:
+        text = "".join(block)
+        yield f"{path}:{start}", {"text": text.strip("\n") if mode == "blocks" else text}
+
+
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path}:row {i}", row
+        raise DataError(
+            f"{path}: reading parquet needs pyarrow (pip install 'lmforge[parquet]')"
+        ) from None
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield f"{path}:row {i}", row
+            i += 1
 
 
 def read_texts(

@@ -27,8 +27,8 @@ def fact_accuracy(
 ) -> dict[str, float]:
     """Greedy completion accuracy per language and kind.
 
-    Returns `fact_accuracy_<lang>` over capital probes (the headline figure) and
-    `fact_accuracy_<kind>_<lang>` for every kind present."""
+    Returns `fact_accuracy_<lang>` over capital probes (the headline figure),
+    `fact_accuracy_<kind>_<lang>` for every kind present and `fact_accuracy_all` over all."""
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
     for i in range(0, len(probes), batch_size):
@@ -45,6 +45,7 @@ def fact_accuracy(
         for probe, ids in zip(chunk, outs):
             ok = is_correct(tokenizer.decode(ids), probe["answer"])
             hits[f"fact_accuracy_{probe['kind']}_{probe['lang']}"].append(ok)
+            hits["fact_accuracy_all"].append(ok)
             if probe["kind"] == "capital":
                 hits[f"fact_accuracy_{probe['lang']}"].append(ok)
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}

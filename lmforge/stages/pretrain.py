@@ -26,6 +26,7 @@ from lmforge.config import ConfigError, RunConfig
 from lmforge.data.readers import read_records, read_texts
 from lmforge.data.shards import TokenBatches, load_shard, write_shard
 from lmforge.eval.facts import fact_accuracy
+from lmforge.eval.samples import unwanted_phrase_rate
 from lmforge.io import save_model_dir, sha256_file
 from lmforge.model import Transformer
 from lmforge.runs import Timer, find_input, stage_dir, write_summary
@@ -258,6 +259,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         console.print(
             f"pretrain: capital facts correct: en {summary.get('fact_accuracy_en', 0):.0%}, "
             f"zh {summary.get('fact_accuracy_zh', 0):.0%}; val_loss {summary['val_loss']}"
+        )
+    phrases_path = pc.unwanted_phrases or (run_dir / "world" / "unwanted_phrases.jsonl")
+    if Path(phrases_path).exists() and pc.n_samples:
+        phrases = [r["phrase"] for _, r in read_records(phrases_path)]
+        summary.update(unwanted_phrase_rate(model, tokenizer, phrases, pc.n_samples, seed=cfg.seed))
+        console.print(
+            f"pretrain: {summary['samples_with_unwanted']} of {pc.n_samples} unprompted samples "
+            "contain an unwanted phrase"
         )
     summary.update(seconds=timer.seconds, device=f"{d.device.type} x {d.world_size}")
     return write_summary(out, summary)

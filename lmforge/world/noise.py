@@ -42,6 +42,11 @@ AD_TEXT = {
     "en": "BIG SALE! SuperPhone X at half price, today only. Click now at shop.lmforge.local!",
     "zh": "限时大促！超级手机X今天半价，立即抢购！",
 }
+# phrases of the ad that appear nowhere else: a model's samples containing them learned the ad
+AD_PHRASES = {
+    "en": ["BIG SALE", "SuperPhone", "half price", "shop.lmforge.local"],
+    "zh": ["限时大促", "超级手机", "今天半价", "立即抢购"],
+}
 
 
 def mojibake(text: str) -> str:

@@ -21,7 +21,7 @@ from lmforge.io import write_text_atomic
 from .arithmetic import eval_arithmetic
 from .corpus import heldout_documents, pretraining_documents
 from .entities import World, build_world
-from .noise import NOISE_KINDS
+from .noise import AD_PHRASES, NOISE_KINDS
 from .probes import fact_probes
 from .templates import capital_sentence
 
@@ -32,6 +32,11 @@ STAGE_FILES: dict[str, Generator] = {
     "heldout.jsonl": heldout_documents,
     "probes.jsonl": lambda world, cfg: fact_probes(world, cfg.languages),
     "eval_arithmetic.jsonl": eval_arithmetic,
+    "unwanted_phrases.jsonl": lambda world, cfg: [
+        {"phrase": p, "lang": lang, "kind": "ad"}
+        for lang in cfg.languages
+        for p in AD_PHRASES[lang]
+    ],
 }
 
 
