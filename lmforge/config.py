@@ -145,6 +145,7 @@ class CleanConfig(Section):
     decontam_min_coverage: float = Field(0.7, gt=0.0, le=1.0)  # of an item's n-grams (PaLM)
     # mixing: source (or source prefix such as "web") -> passes per epoch
     mix: dict[str, Annotated[float, Field(ge=0.0, le=1000.0)]] = {}
+    shard_mb: float = Field(256.0, gt=0.0)  # size of each output JSONL shard
     examples: int = Field(3, ge=0, le=100)  # dropped documents shown per reason in the card
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,19 +46,9 @@ def _fsync(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` through a temporary file in the same directory and a rename, so a
-    reader never sees a half-written file and a crash leaves no partial output."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `text` so that a reader never sees a half-written file (see open_atomic)."""
+    with open_atomic(path) as f:
+        f.write(text)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -79,6 +70,46 @@ def open_atomic(path: Path) -> Iterator[IO[str]]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class JsonlShards:
+    """JSON Lines written as part-00000.jsonl, part-00001.jsonl ... of at most `shard_mb`
+    each, under a temporary directory that replaces `directory` only once all are complete."""
+
+    def __init__(self, directory: Path, shard_mb: float):
+        self.directory, self.limit = Path(directory), int(shard_mb * 1e6)
+        self.tmp = Path(
+            tempfile.mkdtemp(dir=self.directory.parent, prefix=f".{self.directory.name}.")
+        )
+        self.file: IO[str] | None = None
+        self.parts = self.size = 0
+
+    def write(self, line: str) -> int:
+        """Append one line; returns its size in bytes."""
+        n = len(line.encode("utf-8"))
+        if self.file is None or (self.size and self.size + n > self.limit):
+            if self.file is not None:
+                self.file.close()
+            part = self.tmp / f"part-{self.parts:05d}.jsonl"
+            # kept open across writes; closed by the next part or by __exit__
+            self.file = open(part, "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+            self.parts, self.size = self.parts + 1, 0
+        self.file.write(line)
+        self.size += n
+        return n
+
+    def __enter__(self) -> JsonlShards:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        os.chmod(self.tmp, 0o755)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.replace(self.tmp, self.directory)
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:

@@ -14,6 +14,9 @@ from typing import Any
 from lmforge.config import ConfigError, RunConfig, to_toml
 from lmforge.io import write_json_atomic
 
+# where the tokenizer and pretraining look for their corpus: the cleaned one first
+CORPUS_CANDIDATES = ["clean/corpus", "world/corpus.jsonl"]
+
 
 def stage_dir(run_dir: Path, stage: str, cfg: RunConfig) -> Path:
     """Create DIR/<stage>/ and record the resolved config in it."""

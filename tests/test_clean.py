@@ -33,7 +33,7 @@ from lmforge.data.filters import (
     quality_reason,
 )
 from lmforge.data.mixing import copies, weight_for
-from lmforge.data.readers import DataError, SkipReport, read_records
+from lmforge.data.readers import DataError, SkipReport, corpus_files, read_records, read_texts
 from lmforge.data.text import normalize, units
 from lmforge.pipeline import run_pipeline
 from lmforge.stages import clean
@@ -309,8 +309,8 @@ def test_malformed_record_fails_with_file_and_line_or_is_counted(tmp_path):
 def test_output_is_byte_identical_for_any_number_of_workers(tmp_path):
     one = _clean(tmp_path / "w1", "clean.workers=1", "clean.chunk_size=16")
     two = _clean(tmp_path / "w2", "clean.workers=2", "clean.chunk_size=16")
-    a = (tmp_path / "w1" / "clean" / "corpus.jsonl").read_bytes()
-    b = (tmp_path / "w2" / "clean" / "corpus.jsonl").read_bytes()
+    a = (tmp_path / "w1" / "clean" / "corpus" / "part-00000.jsonl").read_bytes()
+    b = (tmp_path / "w2" / "clean" / "corpus" / "part-00000.jsonl").read_bytes()
     assert a == b and len(a) > 10_000
     assert {
         k: v for k, v in one.items() if k not in ("seconds", "mb_per_s", "workers", "device")
@@ -320,7 +320,9 @@ def test_output_is_byte_identical_for_any_number_of_workers(tmp_path):
 
 def test_mixing_weights_repeat_sources(tmp_path):
     summary = _clean(tmp_path, 'clean.mix={"world/stories" = 3, "world/arithmetic" = 0}')
-    rows = [json.loads(line) for line in (tmp_path / "clean" / "corpus.jsonl").open()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "clean" / "corpus" / "part-00000.jsonl").open()
+    ]
     sources = [r["source"] for r in rows]
     assert "world/arithmetic" not in sources
     assert summary["docs_out"] == len(rows) > summary["docs_kept"]
@@ -352,7 +354,7 @@ def test_acceptance_every_noise_kind_is_removed(world_clean):
     assert summary["eval_items_found"] >= 0.9 * world["n_eval_arithmetic"] / 2
     for key in ("docs_out", "mb_per_s", "seconds", "device"):
         assert key in summary
-    rows = [json.loads(line) for line in (out / "clean" / "corpus.jsonl").open()]
+    rows = [json.loads(t) for t in read_texts_raw(out / "clean" / "corpus")]
     assert len(rows) == summary["docs_out"] and all("noise" not in r for r in rows)
     texts = [r["text"] for r in rows]
     assert not any("<p>" in t or "â€" in t for t in texts)
@@ -365,7 +367,26 @@ def test_acceptance_every_noise_kind_is_removed(world_clean):
 
 
 def test_tokenizer_and_pretrain_read_the_cleaned_corpus(world_clean):
-    from lmforge.stages.tokenizer import CORPUS_CANDIDATES
+    from lmforge.runs import CORPUS_CANDIDATES
 
     out, _ = world_clean
-    assert CORPUS_CANDIDATES[0] == "clean/corpus.jsonl" and (out / CORPUS_CANDIDATES[0]).exists()
+    assert CORPUS_CANDIDATES[0] == "clean/corpus" and (out / CORPUS_CANDIDATES[0]).is_dir()
+
+
+def read_texts_raw(directory: Path) -> list[str]:
+    """Every line of every shard of a cleaned corpus, in order."""
+    return [line for f in corpus_files(directory) for line in f.read_text("utf-8").splitlines()]
+
+
+def test_output_is_split_into_shards_read_back_in_order(tmp_path):
+    whole = _clean(tmp_path / "one")
+    split = _clean(tmp_path / "many", "clean.shard_mb=0.05")
+    parts = corpus_files(tmp_path / "many" / "clean" / "corpus")
+    assert len(parts) >= 3 and all(p.stat().st_size <= 50_000 for p in parts[:-1])
+    assert read_texts_raw(tmp_path / "many" / "clean" / "corpus") == read_texts_raw(
+        tmp_path / "one" / "clean" / "corpus"
+    )
+    assert split["docs_out"] == whole["docs_out"]
+    texts = list(read_texts(tmp_path / "many" / "clean" / "corpus"))
+    assert len(texts) == whole["docs_out"]
+    assert not list((tmp_path / "many" / "clean").glob(".corpus*"))  # no temp dir left

@@ -13,6 +13,7 @@ import pytest
 from lmforge.config import CleanConfig, load_config
 from lmforge.data.dedup import Entry, deduplicate, exact_key, minhash, shingles
 from lmforge.data.filters import quality_reason
+from lmforge.data.readers import corpus_files
 from lmforge.stages import clean
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,7 +33,9 @@ def test_tinystories_mojibake_is_repaired(tmp_path):
     assert raw.read_text(encoding="utf-8").count("â€") > 50
     cfg = load_config(None, [f"clean.inputs=['{raw}']", "clean.eval_sets=[]"])
     summary = clean.run(cfg, tmp_path / "run")
-    text = (tmp_path / "run" / "clean" / "corpus.jsonl").read_text(encoding="utf-8")
+    text = "".join(
+        f.read_text(encoding="utf-8") for f in corpus_files(tmp_path / "run" / "clean" / "corpus")
+    )
     assert "â€" not in text and "’" in text
     assert summary["repaired_unicode"] > 50
     assert summary["docs_out"] > 0.9 * summary["docs_in"]  # the stories themselves stay
@@ -80,7 +83,9 @@ def test_gsm8k_questions_planted_in_a_corpus_are_found_and_removed(tmp_path):
     assert summary["eval_items"] == len(questions) == 1319
     assert summary["eval_items_found"] == len(planted)
     assert summary["dropped_decontam_eval_overlap"] == len(planted)
-    out = (tmp_path / "run" / "clean" / "corpus.jsonl").read_text(encoding="utf-8")
+    out = "".join(
+        f.read_text(encoding="utf-8") for f in corpus_files(tmp_path / "run" / "clean" / "corpus")
+    )
     kept = [json.loads(line) for line in out.splitlines()]
     assert not any("planted" in d for d in kept)
     card = (tmp_path / "run" / "clean" / "DATA_CARD.md").read_text(encoding="utf-8")

@@ -70,7 +70,7 @@ def test_tiny_pipeline_writes_every_record(tmp_path):
     assert summary["device"] == "cpu x 1"
     tok = json.loads((out / "tokenizer" / "summary.json").read_text())
     assert tok["vocab_size"] == 512 and tok["chars_per_token_en"] > 1.5
-    assert tok["corpus"] == str(out / "clean" / "corpus.jsonl")  # the cleaned corpus is used
+    assert tok["corpus"] == str(out / "clean" / "corpus")  # the cleaned corpus is used
     assert (out / "clean" / "DATA_CARD.md").exists()
     # the model learned something: validation loss well below the uniform ln(512) = 6.24
     assert summary["val_loss"] < 5.0

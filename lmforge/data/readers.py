@@ -34,6 +34,14 @@ class SkipReport:
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".html", ".htm")
 
 
+def corpus_files(path: str | Path) -> list[Path]:
+    """A file, or every readable file under a directory in name order (a sharded corpus)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.name.lower().endswith(SUFFIXES))
+    return [path]
+
+
 def read_records(
     path: str | Path, skips: SkipReport | None = None, txt_mode: str = "file"
 ) -> Iterator[tuple[str, dict]]:
@@ -134,8 +142,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 def read_texts(
     path: str | Path, key: str = "text", skips: SkipReport | None = None
 ) -> Iterator[str]:
-    """The `key` field of every record: the pretraining format."""
-    for where, record in read_records(path, skips):
+    """The `key` field of every record (the pretraining format), of a file or of every file
+    of a sharded corpus directory."""
+    for where, record in (item for f in corpus_files(path) for item in read_records(f, skips)):
         text = record.get(key)
         if isinstance(text, str):
             yield text

@@ -1,7 +1,7 @@
 """Stage `clean`: raw documents in, a cleaned corpus and its data card out.
 
     inputs ─read─▶ filters + decontamination (clean.workers processes) ─▶ exact and near
-    dedup ─▶ boilerplate paragraphs ─▶ mixing ─▶ DIR/clean/corpus.jsonl, DATA_CARD.md, summary.json
+    dedup ─▶ boilerplate paragraphs ─▶ mixing ─▶ DIR/clean/corpus/part-*.jsonl, DATA_CARD.md, summary.json
 
 Pass 1 streams the inputs through the per-document filters (`data/filters.py`) and the
 decontamination check (`data/decontam.py`) in worker processes, in order, and spills the
@@ -42,9 +42,9 @@ from lmforge.data.dedup import (
 )
 from lmforge.data.filters import apply_filters, build_filters
 from lmforge.data.mixing import copies, weight_for
-from lmforge.data.readers import SUFFIXES, DataError, SkipReport, read_records
+from lmforge.data.readers import DataError, SkipReport, corpus_files, read_records
 from lmforge.data.text import cjk_fraction, stable_hash
-from lmforge.io import open_atomic, write_text_atomic
+from lmforge.io import JsonlShards, write_text_atomic
 from lmforge.runs import Timer, find_input, stage_dir, write_summary
 from lmforge.train_utils import console
 from lmforge.world.noise import NOISE_KINDS, unmojibake
@@ -137,11 +137,7 @@ def input_files(cfg: CleanConfig, run_dir: Path) -> list[Path]:
         return [find_input(run_dir, None, "clean.inputs", [WORLD_CORPUS])]
     files: list[Path] = []
     for entry in cfg.inputs:
-        path = find_input(run_dir, entry, "clean.inputs", [])
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.name.lower().endswith(SUFFIXES))
-        else:
-            files.append(path)
+        files += corpus_files(find_input(run_dir, entry, "clean.inputs", []))
     return files
 
 
@@ -376,16 +372,14 @@ def _pass2(
             ledger.repaired.add(index)
         kept.append((index, n))
     docs_out = 0
-    with open_atomic(out / "corpus.jsonl") as f:
+    with JsonlShards(out / "corpus", cc.shard_mb) as shards:
         for epoch_pass in range(max((n for _, n in kept), default=0)):
             for index, n in kept:
                 if n > epoch_pass:
                     _, doc = load(index)
                     if boilerplate:
                         doc["text"] = strip_paragraphs(doc["text"], boilerplate)
-                    line = json.dumps(doc, ensure_ascii=False) + "\n"
-                    f.write(line)
-                    bytes_out += len(line.encode("utf-8"))
+                    bytes_out += shards.write(json.dumps(doc, ensure_ascii=False) + "\n")
                     docs_out += 1
     summary: dict[str, Any] = {
         "docs_kept": len(kept),
@@ -459,7 +453,7 @@ def data_card(
     parts = [
         "# Data card: cleaned corpus\n\n",
         f"Inputs: {', '.join(str(f) for f in files)}  \n"
-        f"Output: corpus.jsonl, {s['docs_out']:,} documents ({s['docs_kept']:,} distinct, the "
+        f"Output: corpus/ ({cc.shard_mb:g} MB JSONL shards), {s['docs_out']:,} documents ({s['docs_kept']:,} distinct, the "
         f"rest copies made by the mixing weights), {s['mb_out']} MB\n\n",
         "## Throughput\n\n",
         _table(

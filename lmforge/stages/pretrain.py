@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
-from lmforge.data.readers import read_records, read_texts
+from lmforge.data.readers import corpus_files, read_records, read_texts
 from lmforge.data.shards import TokenBatches, load_shard, write_shard
 from lmforge.eval.facts import fact_accuracy
 from lmforge.eval.samples import unwanted_phrase_rate
 from lmforge.io import save_model_dir, sha256_file
 from lmforge.model import Transformer
-from lmforge.runs import Timer, find_input, stage_dir, write_summary
+from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
@@ -49,15 +49,13 @@ from lmforge.train_utils import (
     setup_device,
 )
 
-CORPUS_CANDIDATES = ["clean/corpus.jsonl", "world/corpus.jsonl"]
-
 
 def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:
     """Tokenize the corpus into train/val shards, unless shards of this exact corpus and
     tokenizer exist. Every 1/val_fraction-th document goes to validation."""
     key = {
         "corpus": str(corpus.resolve()),
-        "corpus_sha256": sha256_file(corpus),
+        "corpus_sha256": [sha256_file(f) for f in corpus_files(corpus)],
         "tokenizer_sha256": tokenizer.sha256(),
         "val_fraction": val_fraction,
     }

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from lmforge.config import RunConfig
 from lmforge.data.readers import read_records, read_texts
-from lmforge.runs import Timer, find_input, stage_dir, write_summary
+from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train_utils import console
 
-CORPUS_CANDIDATES = ["clean/corpus.jsonl", "world/corpus.jsonl"]
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
