@@ -146,6 +146,9 @@ class CleanConfig(Section):
     # mixing: source (or source prefix such as "web") -> passes per epoch
     mix: dict[str, Annotated[float, Field(ge=0.0, le=1000.0)]] = {}
     shard_mb: float = Field(256.0, gt=0.0)  # size of each output JSONL shard
+    tokenizer: str | None = (
+        None  # with one, also write token shards (clean/tokens/) for pretraining
+    )
     examples: int = Field(3, ge=0, le=100)  # dropped documents shown per reason in the card
 
 

@@ -163,3 +163,28 @@ def test_ddp_two_processes_match_one_process(base, tmp_path):
     b = json.loads((two / "pretrain" / "summary.json").read_text())
     assert b["device"] == "cpu x 2"
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+
+def test_clean_with_a_tokenizer_writes_token_shards_that_pretrain_uses(base, tmp_path):
+    tokenizer = base / "tokenizer" / "tokenizer.json"
+    out = tmp_path / "run"
+    clean = [f"clean.inputs=['{base / 'world' / 'corpus.jsonl'}']", f"clean.tokenizer={tokenizer}"]
+    lmforge("clean", "--config", str(TINY), "--out", str(out), *clean)
+    summary = json.loads((out / "clean" / "summary.json").read_text())
+    meta = json.loads((out / "clean" / "tokens" / "meta.json").read_text())
+    assert summary["train_tokens"] == meta["train_tokens"] > 10_000
+    lmforge(
+        "pretrain", "--config", str(TINY), "--out", str(out), f"pretrain.tokenizer={tokenizer}",
+        "pretrain.max_steps=5", "pretrain.num_threads=1",
+    )  # fmt: skip
+    result = json.loads((out / "pretrain" / "summary.json").read_text())
+    assert result["token_shards"] == str(out / "clean" / "tokens")
+    assert not (out / "pretrain" / "data").exists()
+    # shards made another way (here: another validation split) are not reused
+    lmforge(
+        "pretrain", "--config", str(TINY), "--out", str(out), "pretrain.max_steps=5",
+        f"pretrain.corpus={out / 'clean' / 'corpus'}", "pretrain.num_threads=1",
+        f"pretrain.tokenizer={base / 'tokenizer' / 'tokenizer.json'}", "pretrain.val_fraction=0.1",
+    )  # fmt: skip
+    result = json.loads((out / "pretrain" / "summary.json").read_text())
+    assert result["token_shards"] == str(out / "pretrain" / "data")

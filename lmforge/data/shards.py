@@ -10,12 +10,17 @@ processes and accumulation steps sees the same samples.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmforge.data.readers import corpus_files, read_texts
+from lmforge.io import sha256_file, write_json_atomic
+from lmforge.tokenizer import Tokenizer
 
 
 def write_shard(
@@ -29,6 +34,46 @@ def write_shard(
     np.save(tmp, tokens)
     os.replace(tmp, path)
     return len(tokens)
+
+
+def shard_key(corpus: Path, tokenizer: Tokenizer, val_fraction: float) -> dict:
+    """What a set of shards was made from: the corpus files' and the tokenizer's hashes."""
+    return {
+        "corpus": str(Path(corpus).resolve()),
+        "corpus_sha256": [sha256_file(f) for f in corpus_files(corpus)],
+        "tokenizer_sha256": tokenizer.sha256(),
+        "val_fraction": val_fraction,
+    }
+
+
+def shards_ready(data_dir: Path, key: dict) -> bool:
+    """Whether data_dir holds complete shards made from exactly `key`."""
+    meta = Path(data_dir) / "meta.json"
+    return meta.exists() and json.loads(meta.read_text()).get("key") == key
+
+
+def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:
+    """Tokenize a corpus (a file or a sharded directory) into train.npy and val.npy, unless
+    shards of this exact corpus and tokenizer exist; every 1/val_fraction-th document goes
+    to validation. meta.json is written last, so its presence means the shards are whole."""
+    key = shard_key(corpus, tokenizer, val_fraction)
+    if shards_ready(data_dir, key):
+        return json.loads((data_dir / "meta.json").read_text())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    texts = list(read_texts(corpus))
+    every = max(2, round(1 / val_fraction))
+    ids = tokenizer.encode_batch(texts)
+    val = [x for i, x in enumerate(ids) if i % every == every - 1]
+    train = [x for i, x in enumerate(ids) if i % every != every - 1]
+    args = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size)
+    meta = {
+        "key": key,
+        "train_tokens": write_shard(data_dir / "train.npy", train, *args),
+        "val_tokens": write_shard(data_dir / "val.npy", val, *args),
+        "documents": len(texts),
+    }
+    write_json_atomic(data_dir / "meta.json", meta)
+    return meta
 
 
 def load_shard(path: Path) -> np.ndarray:

@@ -43,9 +43,11 @@ from lmforge.data.dedup import (
 from lmforge.data.filters import apply_filters, build_filters
 from lmforge.data.mixing import copies, weight_for
 from lmforge.data.readers import DataError, SkipReport, corpus_files, read_records
+from lmforge.data.shards import prepare_shards
 from lmforge.data.text import cjk_fraction, stable_hash
 from lmforge.io import JsonlShards, write_text_atomic
 from lmforge.runs import Timer, find_input, stage_dir, write_summary
+from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import console
 from lmforge.world.noise import NOISE_KINDS, unmojibake
 
@@ -215,6 +217,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     files = input_files(cc, run_dir)
     items = load_eval_items(eval_specs(cc, run_dir))
+    tokenizer = (
+        Tokenizer.from_file(find_input(run_dir, cc.tokenizer, "clean.tokenizer", []))
+        if cc.tokenizer
+        else None
+    )
     out = stage_dir(run_dir, "clean", cfg)
     skips = SkipReport() if cc.skip_bad else None
     ledger = Ledger()
@@ -235,6 +242,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         eval_items_found=len(ledger.found),
         workers=cc.workers,
     )
+    if tokenizer is not None:  # token shards that pretraining on this corpus picks up
+        meta = prepare_shards(out / "corpus", tokenizer, out / "tokens", cfg.pretrain.val_fraction)
+        summary.update(train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"])
     summary.update(_score(ledger))
     card = data_card(cc, files, items, ledger, summary, skips, seconds)
     write_text_atomic(out / "DATA_CARD.md", card)

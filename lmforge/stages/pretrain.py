@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
-from lmforge.data.readers import corpus_files, read_records, read_texts
-from lmforge.data.shards import TokenBatches, load_shard, write_shard
+from lmforge.data.readers import read_records
+from lmforge.data.shards import TokenBatches, load_shard, prepare_shards, shard_key, shards_ready
 from lmforge.eval.facts import fact_accuracy
 from lmforge.eval.samples import unwanted_phrase_rate
-from lmforge.io import save_model_dir, sha256_file
+from lmforge.io import save_model_dir
 from lmforge.model import Transformer
 from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -48,35 +48,6 @@ from lmforge.train_utils import (
     save_checkpoint,
     setup_device,
 )
-
-
-def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:
-    """Tokenize the corpus into train/val shards, unless shards of this exact corpus and
-    tokenizer exist. Every 1/val_fraction-th document goes to validation."""
-    key = {
-        "corpus": str(corpus.resolve()),
-        "corpus_sha256": [sha256_file(f) for f in corpus_files(corpus)],
-        "tokenizer_sha256": tokenizer.sha256(),
-        "val_fraction": val_fraction,
-    }
-    meta_path = data_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
-        return json.loads(meta_path.read_text())
-    data_dir.mkdir(parents=True, exist_ok=True)
-    texts = list(read_texts(corpus))
-    every = max(2, round(1 / val_fraction))
-    ids = tokenizer.encode_batch(texts)
-    val = [x for i, x in enumerate(ids) if i % every == every - 1]
-    train = [x for i, x in enumerate(ids) if i % every != every - 1]
-    args = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size)
-    meta = {
-        "key": key,
-        "train_tokens": write_shard(data_dir / "train.npy", train, *args),
-        "val_tokens": write_shard(data_dir / "val.npy", val, *args),
-        "documents": len(texts),
-    }
-    meta_path.write_text(json.dumps(meta, indent=2))
-    return meta
 
 
 def evaluate_loss(model, batches: TokenBatches, n_batches: int, micro: int, d: Dist, amp) -> float:
@@ -117,19 +88,22 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             f"pretrain.seq_len ({pc.seq_len}) exceeds model.max_seq_len ({mcfg.max_seq_len})"
         )
 
-    # data: rank 0 tokenizes, the others wait and map the same files
-    if d.is_main:
-        prepare_shards(corpus, tokenizer, out / "data", pc.val_fraction)
+    # data: token shards the clean stage made for this corpus and tokenizer, else rank 0
+    # tokenizes into pretrain/data while the others wait, then all map the same files
+    key = shard_key(corpus, tokenizer, pc.val_fraction)
+    data_dir = run_dir / "clean" / "tokens"
+    if not shards_ready(data_dir, key):
+        data_dir = out / "data"
+        if d.is_main:
+            prepare_shards(corpus, tokenizer, data_dir, pc.val_fraction)
     if d.world_size > 1:
         dist.barrier()
-    meta = json.loads((out / "data" / "meta.json").read_text())
+    meta = json.loads((data_dir / "meta.json").read_text())
     global_batch = pc.micro_batch_size * pc.grad_accum_steps * d.world_size
     train_data = TokenBatches(
-        load_shard(out / "data" / "train.npy"), pc.seq_len, global_batch, cfg.seed
+        load_shard(data_dir / "train.npy"), pc.seq_len, global_batch, cfg.seed
     )
-    val_data = TokenBatches(
-        load_shard(out / "data" / "val.npy"), pc.seq_len, global_batch, cfg.seed
-    )
+    val_data = TokenBatches(load_shard(data_dir / "val.npy"), pc.seq_len, global_batch, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(d.device)
@@ -249,6 +223,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         "parameters": model.num_params(),
         "steps": pc.max_steps,
         "tokens_seen": pc.max_steps * tokens_per_step,
+        "token_shards": str(data_dir),
     }
     probes_path = pc.probes or (run_dir / "world" / "probes.jsonl")
     if Path(probes_path).exists():
