@@ -43,6 +43,18 @@ class WorldConfig(Section):
     noise_fraction: float = Field(0.12, ge=0.0, le=0.9)
     ad_copies: int = Field(2000, ge=0, le=1_000_000)
     heldout_docs: int = Field(200, ge=0, le=100_000)
+    # SFT conversations per language and kind (about 2,500 in all by default: enough for a
+    # ~4M-parameter model to learn the chat format in minutes on a CPU)
+    n_sft_facts: int = Field(600, ge=0, le=1_000_000)
+    n_sft_arithmetic: int = Field(300, ge=0, le=1_000_000)  # drawn from the n_arithmetic pool
+    n_sft_refusals: int = Field(100, ge=0, le=1_000_000)
+    n_sft_benign: int = Field(100, ge=0, le=1_000_000)
+    n_sft_multi_turn: int = Field(150, ge=0, le=1_000_000)
+    sft_system_fraction: float = Field(0.15, ge=0.0, le=1.0)  # conversations with a system turn
+    # SFT evaluation per language: trained facts asked in new phrasings, and safety prompts
+    # (this many harmful and as many benign look-alikes)
+    n_sft_eval_seen: int = Field(60, ge=0, le=100_000)
+    n_sft_eval_safety: int = Field(50, ge=0, le=100)
 
 
 class TokenizerConfig(Section):

@@ -5,6 +5,7 @@ facts, pretraining text with labelled noise, and evaluation sets whose answers a
     docs = pretraining_documents(world, cfg) # raw corpus, noise labelled in doc["noise"]
     probes = fact_probes(world)              # "The capital of X is" -> "Y"
     problems = eval_arithmetic(world, cfg)   # held-out word problems
+    convs = sft_conversations(world, cfg)    # SFT chats; sft_eval_* hold out what they never ask
     summary = write_world(cfg, out_dir)      # all of it, as files
 
 Same seed, same bytes: everything comes from string-seeded `random.Random` streams.
@@ -27,6 +28,8 @@ from .entities import (
 )
 from .noise import BAD_LICENSES, NOISE_KINDS, mojibake, unmojibake
 from .probes import fact_probes, probe_text
+from .scoring import answer_correct, is_refusal
+from .sft import sft_conversations, sft_eval_arithmetic, sft_eval_facts, sft_eval_safety
 from .templates import capital_sentence
 from .writer import STAGE_FILES, write_world
 
@@ -45,16 +48,22 @@ __all__ = [
     "Person",
     "Problem",
     "World",
+    "answer_correct",
     "build_world",
     "capital_sentence",
     "eval_arithmetic",
     "fact_probes",
     "heldout_documents",
+    "is_refusal",
     "mojibake",
     "noise_counts",
     "pretraining_documents",
     "probe_text",
     "rng_for",
+    "sft_conversations",
+    "sft_eval_arithmetic",
+    "sft_eval_facts",
+    "sft_eval_safety",
     "solve",
     "unmojibake",
     "write_world",

@@ -2,10 +2,10 @@
 
 `STAGE_FILES` is the registry of what the world stage writes. Each entry maps a file name to
 a generator `(world, cfg) -> list[dict]`; `write_world` writes every registered file. Today it
-holds the pretraining corpus, the held-out text and the evaluation sets. The generators of
-later stages (SFT conversations, K=4 ranked responses for preference learning, RL prompts
-with verifiable answers) register here too, as `STAGE_FILES["sft.jsonl"] = sft_conversations`
-and so on, and are then written by the same call, atomically, with their counts in the summary.
+holds the pretraining corpus, the held-out text, the evaluation sets, and the SFT
+conversations with their evaluation sets (`sft.py`). The generators of later stages (K=4
+ranked responses for preference learning, RL prompts with verifiable answers) register here
+too, and are then written by the same call, atomically, with their counts in the summary.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .corpus import heldout_documents, pretraining_documents
 from .entities import World, build_world
 from .noise import AD_PHRASES, NOISE_KINDS
 from .probes import fact_probes
+from .sft import sft_conversations, sft_eval_arithmetic, sft_eval_facts, sft_eval_safety
 from .templates import capital_sentence
 
 Generator = Callable[[World, WorldConfig], list[dict]]
@@ -37,6 +38,10 @@ STAGE_FILES: dict[str, Generator] = {
         for lang in cfg.languages
         for p in AD_PHRASES[lang]
     ],
+    "sft_train.jsonl": sft_conversations,
+    "sft_eval_facts.jsonl": sft_eval_facts,
+    "sft_eval_arithmetic.jsonl": sft_eval_arithmetic,
+    "sft_eval_safety.jsonl": sft_eval_safety,
 }
 
 
@@ -74,7 +79,7 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict:
     `n_noise`, `noise_<kind>` for every kind, `clean_<source>` per clean source,
     `n_chars_clean_<lang>`, `capital_canonical_min_<lang>` / `_mean_<lang>` (occurrences of
     each canonical capital sentence), `n_<file>` for every other registered file (`n_heldout`,
-    `n_probes`, `n_eval_arithmetic`, ...) and `n_sft_heldout_countries`."""
+    `n_probes`, `n_eval_arithmetic`, `n_sft_train`, `n_sft_eval_facts`, ...) and `n_sft_heldout_countries`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
