@@ -25,30 +25,17 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
 from lmforge.model import Transformer
+from lmforge.model.hf import hf_config
 from lmforge.train_utils import autocast, autocast_dtype, measure_matmul_flops
 
 
 def hf_twin(model: Transformer):
-    """A LlamaForCausalLM with the same config and weights (names map one to one)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The Hugging Face model `lmforge export` would write: same config (through
+    `hf_config`, so LlamaForCausalLM here) and weights (names map one to one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    c = model.cfg
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.dim,
-            intermediate_size=c.ffn_dim,
-            num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads,
-            num_key_value_heads=c.n_kv_heads,
-            max_position_embeddings=c.max_seq_len,
-            rms_norm_eps=c.norm_eps,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=c.tie_embeddings,
-            attention_bias=c.qkv_bias,
-            attn_implementation="sdpa",
-        )
-    )
+    config = AutoConfig.for_model(**hf_config(model.cfg))
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     hf.load_state_dict(model.state_dict())
     return hf.to(next(model.parameters()).device)
 

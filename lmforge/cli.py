@@ -169,6 +169,30 @@ def chat(
         typer.echo(f"model> {reply}")
 
 
+@app.command()
+def export(
+    model: Path = MODEL,
+    out: Path = typer.Option(..., "--out", "-o", help="Hugging Face model directory to write"),
+) -> None:
+    """Export a model directory in Hugging Face format (transformers loads it as is)."""
+    from lmforge.model.hf import export_hf
+
+    export_hf(model, out)
+    typer.echo(f"exported {model} to {out}")
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="Hugging Face model directory, or hub name"),
+    out: Path = typer.Option(..., "--out", "-o", help="lmforge model directory to write"),
+) -> None:
+    """Import a Llama or Qwen2 Hugging Face checkpoint (safetensors) as a model directory."""
+    from lmforge.model.hf import import_hf
+
+    cfg = import_hf(source, out)
+    typer.echo(f"imported {source} to {out}: " + json.dumps(cfg.model_dump()))
+
+
 def main() -> None:
     """Entry point: user errors print one clear line, not a stack trace."""
     try:

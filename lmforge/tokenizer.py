@@ -4,6 +4,8 @@ The BPE itself is Hugging Face `tokenizers` (Rust). This module adds what the pi
 relies on:
 
 - the special tokens of ARCHITECTURE.md at fixed ids 0..6, with pad distinct from eos;
+- an imported tokenizer (`lmforge import`) keeps its own special ids, read from the Hugging
+  Face `tokenizer_config.json` saved beside its tokenizer.json (see `Tokenizer`);
 - text never turns into a special token: "<|eos|>" typed by a user is plain text, and
   special ids are only ever inserted by code (`encode_special_tokens = True`);
 - exact round trips: `decode(encode(s)) == s` for any str, and `decode_bytes(encode_bytes(b))
@@ -15,6 +17,7 @@ relies on:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -56,18 +59,67 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """An lmforge tokenizer: a byte-level BPE `tokenizers.Tokenizer` with reserved specials."""
+    """A byte-level BPE `tokenizers.Tokenizer` with reserved specials.
 
-    def __init__(self, hf: HFTokenizer):
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(tok) != i:
-                raise TokenizerError(f"special token {tok} must have id {i}")
+    Special ids come from one of two places. A tokenizer trained by lmforge (`config` None)
+    must hold SPECIAL_TOKENS at ids 0..6. An imported one brings its own specials at its own
+    ids, so the ids cannot be constants: `config` is its Hugging Face `tokenizer_config.json`
+    (the file transformers itself reads them from, kept beside tokenizer.json by `save`), and
+    bos/eos/pad are looked up from its `bos_token`/`eos_token`/`pad_token`. Where one is
+    missing, eos stands in (Qwen2 has no bos, Llama no pad); pad only fills masked positions,
+    so an imported pad may equal eos. lmforge's chat markers (`<|user|>` ... `<|end|>`) are
+    used where the vocabulary has them; without them `render_chat` refuses, and a turn ends
+    at eos (`end_id == eos_id`).
+    """
+
+    def __init__(self, hf: HFTokenizer, config: dict | None = None):
+        if config is None:
+            for i, tok in enumerate(SPECIAL_TOKENS):
+                if hf.token_to_id(tok) != i:
+                    raise TokenizerError(f"special token {tok} must have id {i}")
         hf.encode_special_tokens = True  # user text can never become a special token
-        self.hf = hf
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.system_id, self.user_id, self.assistant_id, self.end_id = 3, 4, 5, 6
-        self.role_ids = {"system": 3, "user": 4, "assistant": 5}
+        self.hf, self.config = hf, config
+        eos_id = self._special_id("eos_token", EOS)
+        if eos_id is None:
+            raise TokenizerError("tokenizer_config.json: eos_token is not set")
+        bos_id, pad_id = self._special_id("bos_token", BOS), self._special_id("pad_token", PAD)
+        self.eos_id = eos_id
+        self.bos_id = eos_id if bos_id is None else bos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.system_id, self.user_id, self.assistant_id, end_id = (
+            hf.token_to_id(t) for t in (SYSTEM, USER, ASSISTANT, END)
+        )
+        self.end_id = eos_id if end_id is None else end_id
+        has_chat = None not in (self.system_id, self.user_id, self.assistant_id, end_id)
+        self.role_ids: dict[str, int] = (
+            {role: hf.token_to_id(tok) for role, tok in ROLE_TOKENS.items()} if has_chat else {}
+        )
+        # added special tokens are stored as text, not in the byte alphabet
+        self.special_ids = frozenset(
+            i for i, t in hf.get_added_tokens_decoder().items() if t.special
+        )
         self._byte_ids = [hf.token_to_id(BYTE_TO_UNICODE[b]) for b in range(256)]
+
+    def _special_id(self, key: str, default: str) -> int | None:
+        """The id of special token `key` of the config (lmforge's `default` without one)."""
+        if self.config is None:
+            return self.hf.token_to_id(default)
+        token = self.config.get(key)
+        if isinstance(token, dict):  # an AddedToken written out by transformers
+            token = token.get("content")
+        if token is None:
+            return None
+        tid = self.hf.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(
+                f"tokenizer_config.json: {key} {token!r} is not in tokenizer.json's vocabulary"
+            )
+        return tid
+
+    def hf_config(self) -> dict:
+        """This tokenizer's `tokenizer_config.json` for transformers (lmforge's, or the
+        imported one it came with)."""
+        return self.config if self.config is not None else hf_tokenizer_config()
 
     @property
     def vocab_size(self) -> int:
@@ -76,6 +128,7 @@ class Tokenizer:
     # ---- files ----------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load tokenizer.json, with the tokenizer_config.json beside it where there is one."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -85,17 +138,30 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust error is opaque: name the file
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+        config_path = path.with_name("tokenizer_config.json")
+        config = None
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{config_path}: not valid JSON ({e})") from None
         try:
-            return cls(hf)
+            return cls(hf, config)
         except TokenizerError as e:
             raise TokenizerError(f"{path}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json atomically."""
+        """Write tokenizer.json atomically, and tokenizer_config.json beside it when this
+        tokenizer's special ids come from one."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         self.hf.save(str(tmp))
         tmp.replace(path)
+        if self.config is not None:
+            config_path = path.with_name("tokenizer_config.json")
+            tmp = config_path.with_name(config_path.name + ".tmp")
+            tmp.write_text(json.dumps(self.config, indent=2, ensure_ascii=False), "utf-8")
+            tmp.replace(config_path)
 
     def sha256(self) -> str:
         """Fingerprint of the whole tokenizer (vocabulary, merges, pipeline)."""
@@ -110,7 +176,7 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        ids = [i for i in ids if not (skip_special and i < len(SPECIAL_TOKENS))]
+        ids = [i for i in ids if not (skip_special and i in self.special_ids)]
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def encode_bytes(self, data: bytes) -> list[int]:
@@ -131,7 +197,7 @@ class Tokenizer:
         out = bytearray()
         for i in ids:
             token = self.hf.id_to_token(i)
-            if i < len(SPECIAL_TOKENS):
+            if i in self.special_ids:
                 out += token.encode("utf-8")
             else:
                 out += bytes(UNICODE_TO_BYTE[c] for c in token)
@@ -142,6 +208,11 @@ class Tokenizer:
         self, messages: Sequence[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         """Messages to (ids, loss_mask): only assistant turns and their `<|end|>` carry loss."""
+        if not self.role_ids:
+            raise TokenizerError(
+                "this tokenizer has no lmforge chat markers "
+                f"({SYSTEM} {USER} {ASSISTANT} {END}), so it cannot render lmforge's chat template"
+            )
         ids, mask = [self.bos_id], [False]
         for n, m in enumerate(messages):
             role = m.get("role")

@@ -1,4 +1,5 @@
-"""The model and its parts: the transformer (and later LoRA, value/reward heads, HF interop)."""
+"""The model and its parts: the transformer, Hugging Face interop (`lmforge.model.hf`, imported
+by path since it needs lmforge.io), and later LoRA and value/reward heads."""
 
 from lmforge.model.transformer import KVCache, Transformer
 
