@@ -38,7 +38,9 @@ def _print_summary(name: str, summary: dict) -> None:
 def run(
     config: Path = CONFIG,
     out: Path = OUT,
-    resume: bool = typer.Option(False, help="continue pretraining from its newest checkpoint"),
+    resume: bool = typer.Option(
+        False, help="continue pretraining and SFT from their newest checkpoints"
+    ),
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain)."""
@@ -99,6 +101,21 @@ def pretrain(
     summary = stage.run(_config(config, overrides), out, resume=resume)
     if summary:
         _print_summary("pretrain", summary)
+
+
+@app.command()
+def sft(
+    config: Path = CONFIG,
+    out: Path = OUT,
+    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Fine-tune the base model on chat conversations into OUT/sft/ (runs under torchrun too)."""
+    from lmforge.stages import sft as stage
+
+    summary = stage.run(_config(config, overrides), out, resume=resume)
+    if summary:
+        _print_summary("sft", summary)
 
 
 MODEL = typer.Option(..., "--model", "-m", help="model directory (e.g. runs/default/pretrain)")

@@ -181,6 +181,18 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0, le=1.0)
 
 
+LoRATarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters (Hu et al. 2021): y = W x + (alpha / rank) * B A dropout(x)."""
+
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0.0, le=65_536.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[LoRATarget] = Field(["q_proj", "v_proj"], min_length=1)
+
+
 class PretrainConfig(Section):
     """Next-token prediction on token shards."""
 
@@ -211,10 +223,40 @@ class PretrainConfig(Section):
     num_threads: int = Field(0, ge=0, le=4096)  # 0: torch's default
 
 
+class SFTConfig(Section):
+    """Supervised fine-tuning of all weights on chat conversations (loss on assistant turns)."""
+
+    data: str | None = None  # default: this run's world SFT conversations
+    model: str | None = None  # base model directory; default: this run's pretrain stage
+    init: Literal["pretrained", "random"] = "pretrained"  # random: same config, no pretraining
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # every 1/val_fraction-th conversation
+    max_len: int = Field(256, ge=8, le=1_048_576)  # tokens per conversation (whole turns kept)
+    micro_batch_size: int = Field(16, ge=1, le=65_536)
+    grad_accum_steps: int = Field(1, ge=1, le=65_536)
+    epochs: int = Field(3, ge=1, le=100_000)
+    max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    eval_every: int = Field(50, ge=1)  # validation loss every this many steps
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1, le=1000)
+    eval_max_new_tokens: int = Field(96, ge=1, le=1_048_576)  # per reply in the chat eval
+    eval_batch_size: int = Field(64, ge=1, le=65_536)
+    eval_base: bool = True  # also score the model before fine-tuning (the `base_` figures)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    num_threads: int = Field(0, ge=0, le=4096)  # 0: torch's default
+
+
 class RunConfig(Section):
     """The whole pipeline: which stages run, and one section per stage."""
 
-    stages: list[Literal["world", "clean", "tokenizer", "pretrain"]] = [
+    stages: list[Literal["world", "clean", "tokenizer", "pretrain", "sft"]] = [
         "world",
         "clean",
         "tokenizer",
@@ -226,6 +268,7 @@ class RunConfig(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
 
 
 def _describe_limits(model: type[BaseModel], loc: tuple) -> str:

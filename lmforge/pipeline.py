@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import RunConfig, to_toml
-from lmforge.stages import clean, pretrain, tokenizer, world
+from lmforge.stages import clean, pretrain, sft, tokenizer, world
 from lmforge.train_utils import console
 
 STAGES: dict[str, Callable[..., dict]] = {
@@ -14,6 +14,7 @@ STAGES: dict[str, Callable[..., dict]] = {
     "clean": clean.run,
     "tokenizer": tokenizer.run,
     "pretrain": pretrain.run,
+    "sft": sft.run,
 }
 
 
@@ -25,6 +26,6 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     summaries = {}
     for name in cfg.stages:
         console.rule(f"[bold]{name}")
-        options = {"resume": resume} if name == "pretrain" else {}
+        options = {"resume": resume} if name in ("pretrain", "sft") else {}
         summaries[name] = STAGES[name](cfg, run_dir, **options)
     return summaries
