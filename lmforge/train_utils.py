@@ -19,6 +19,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lmforge.config import ConfigError
 from lmforge.io import (
     CheckpointError,
     load_model_state,
@@ -232,6 +233,34 @@ def load_checkpoint(
     return state
 
 
+def resume_latest(
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    log: MetricsLog,
+    expect: dict[str, Any],
+    stage: str,
+) -> int:
+    """Restore the newest checkpoint of `ckpt_dir` and return the step to continue from
+    (0 when there is none). `expect` holds the state values the checkpoint must have been
+    written with, such as the global batch: with others, the same step would draw other data."""
+    checkpoints = list_checkpoints(ckpt_dir)
+    if not checkpoints:
+        if log.enabled:
+            console.print(f"{stage}: --resume found no checkpoint in {ckpt_dir}; starting fresh")
+        return 0
+    state = load_checkpoint(checkpoints[-1], model, optimizer)
+    differ = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
+    if differ:
+        was = ", ".join(f"{k} {old}" for k, (old, _) in differ.items())
+        now = ", ".join(f"{k} {new}" for k, (_, new) in differ.items())
+        raise ConfigError(f"{checkpoints[-1]}: written with {was}; this run has {now}")
+    if log.enabled:
+        console.print(f"{stage}: resuming from {checkpoints[-1]} (step {state['step']})")
+    log.keep_until(state["step"])
+    return state["step"]
+
+
 # ---- metrics, progress, plots -----------------------------------------------------------------
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (main process only)."""
@@ -243,6 +272,12 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step` (a resumed run trains those steps again)."""
+        if self.enabled:
+            kept = [r for r in self.read() if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict]:
         if not self.path.exists():

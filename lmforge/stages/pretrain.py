@@ -40,11 +40,10 @@ from lmforge.train_utils import (
     autocast_dtype,
     build_optimizer,
     console,
-    list_checkpoints,
-    load_checkpoint,
     lr_at,
     measure_matmul_flops,
     plot_curves,
+    resume_latest,
     save_checkpoint,
     setup_device,
 )
@@ -109,28 +108,13 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model = Transformer(mcfg).to(d.device)
     optimizer = build_optimizer(model, pc.lr, pc.weight_decay, (pc.beta1, pc.beta2))
     ckpt_dir = out / "checkpoints"
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     start_step = 0
     if resume:
-        checkpoints = list_checkpoints(ckpt_dir)
-        if checkpoints:
-            state = load_checkpoint(checkpoints[-1], model, optimizer)
-            if state["global_batch"] != global_batch or state["seq_len"] != pc.seq_len:
-                raise ConfigError(
-                    f"{checkpoints[-1]}: written with global batch {state['global_batch']} x "
-                    f"seq_len {state['seq_len']}; this run has {global_batch} x {pc.seq_len}"
-                )
-            start_step = state["step"]
-            if d.is_main:
-                console.print(f"pretrain: resuming from {checkpoints[-1]} (step {start_step})")
-                # steps after the checkpoint are trained again: drop their old records
-                kept = [
-                    r for r in MetricsLog(out / "metrics.jsonl").read() if r["step"] <= start_step
-                ]
-                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif d.is_main:
-            console.print(f"pretrain: --resume found no checkpoint in {ckpt_dir}; starting fresh")
-    elif d.is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+        expect = {"global_batch": global_batch, "seq_len": pc.seq_len}
+        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "pretrain")
+    elif d.is_main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     amp_dtype = autocast_dtype(pc.dtype, d.device)
     amp = partial(autocast, d.device, amp_dtype)
@@ -139,7 +123,6 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     train_model = DDP(model) if d.world_size > 1 else model
     if pc.compile:
         train_model = torch.compile(train_model)
-    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
     flops_per_token = model.flops_per_token(pc.seq_len)
     tokens_per_step = global_batch * pc.seq_len

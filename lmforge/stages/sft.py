@@ -43,10 +43,10 @@ from lmforge.train_utils import (
     autocast_dtype,
     build_optimizer,
     console,
-    list_checkpoints,
-    load_checkpoint,
     lr_at,
+    measure_matmul_flops,
     plot_curves,
+    resume_latest,
     save_checkpoint,
     setup_device,
 )
@@ -125,38 +125,24 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     optimizer = build_optimizer(model, sc.lr, sc.weight_decay, (sc.beta1, sc.beta2))
     ckpt_dir = out / "checkpoints"
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     start_step = 0
     if resume:
-        checkpoints = list_checkpoints(ckpt_dir)
-        if checkpoints:
-            state = load_checkpoint(checkpoints[-1], model, optimizer)
-            if state["global_batch"] != global_batch or state["examples"] != len(train):
-                raise ConfigError(
-                    f"{checkpoints[-1]}: written with global batch {state['global_batch']} and "
-                    f"{state['examples']} examples; this run has {global_batch} and {len(train)}"
-                )
-            start_step = state["step"]
-            if d.is_main:
-                console.print(f"sft: resuming from {checkpoints[-1]} (step {start_step})")
-                kept = [
-                    r for r in MetricsLog(out / "metrics.jsonl").read() if r["step"] <= start_step
-                ]
-                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif d.is_main:
-            console.print(f"sft: --resume found no checkpoint in {ckpt_dir}; starting fresh")
-    elif d.is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+        expect = {"global_batch": global_batch, "examples": len(train)}
+        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "sft")
+    elif d.is_main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if d.world_size > 1:
         dist.barrier()
 
     train_model = DDP(model) if d.world_size > 1 else model
-    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     if d.is_main:
         console.print(
             f"sft: {model.num_params():,} parameters ({sc.init}), {max_steps} steps x "
             f"{global_batch} conversations on {d.device} x {d.world_size}"
         )
 
+    peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
     model.train()
     loss_value = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
@@ -191,8 +177,12 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             record = {"step": done, "loss": round(loss_value, 6), "lr": lr}
             if done % 10 == 0 or done == max_steps:
                 tok_s = window_tokens * d.world_size / (time.perf_counter() - window_start)
-                record.update(tok_s=round(tok_s, 1), grad_norm=round(grad_norm.item(), 4))
-                progress.fields.update(loss=loss_value, tok_s=tok_s)
+                # padded tokens count as computed: they are, and MFU is about the hardware
+                mfu = tok_s * model.flops_per_token(x.size(1)) / (peak * d.world_size)
+                record.update(
+                    tok_s=round(tok_s, 1), mfu=round(mfu, 4), grad_norm=round(grad_norm.item(), 4)
+                )
+                progress.fields.update(loss=loss_value, tok_s=tok_s, mfu=mfu)
                 window_start, window_tokens = time.perf_counter(), 0
             if val_data and (done % sc.eval_every == 0 or done == max_steps):
                 record["val_loss"] = round(
