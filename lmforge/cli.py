@@ -34,6 +34,17 @@ def _print_summary(name: str, summary: dict) -> None:
     typer.echo(f"{name}: " + json.dumps(summary, ensure_ascii=False))
 
 
+def _training_stage(
+    name: str, config: Path | None, out: Path, resume: bool, overrides: list[str] | None
+) -> None:
+    """Run a resumable stage; under torchrun only rank 0 returns a summary to print."""
+    from lmforge.pipeline import STAGES
+
+    summary = STAGES[name](_config(config, overrides), out, resume=resume)
+    if summary:
+        _print_summary(name, summary)
+
+
 @app.command()
 def run(
     config: Path = CONFIG,
@@ -96,11 +107,7 @@ def pretrain(
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Pretrain a base model into OUT/pretrain/ (runs under torchrun too)."""
-    from lmforge.stages import pretrain as stage
-
-    summary = stage.run(_config(config, overrides), out, resume=resume)
-    if summary:
-        _print_summary("pretrain", summary)
+    _training_stage("pretrain", config, out, resume, overrides)
 
 
 @app.command()
@@ -111,11 +118,7 @@ def sft(
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Fine-tune the base model on chat conversations into OUT/sft/ (runs under torchrun too)."""
-    from lmforge.stages import sft as stage
-
-    summary = stage.run(_config(config, overrides), out, resume=resume)
-    if summary:
-        _print_summary("sft", summary)
+    _training_stage("sft", config, out, resume, overrides)
 
 
 MODEL = typer.Option(..., "--model", "-m", help="model directory (e.g. runs/default/pretrain)")

@@ -25,6 +25,7 @@ from lmforge.io import (
     load_model_state,
     load_tensors,
     model_state,
+    save_model_dir,
     save_tensors_atomic,
     sha256_file,
     write_json_atomic,
@@ -328,6 +329,18 @@ class TrainingProgress:
                 f"{f['tok_s']:,.0f} tok/s  MFU {f['mfu']:.1%}  elapsed {elapsed:.0f}s",
                 highlight=False,
             )
+
+
+def finish_training(
+    out: Path, model: torch.nn.Module, tokenizer, log: MetricsLog, title: str
+) -> tuple[list[dict], float | None]:
+    """Write the trained model directory and its loss curve; returns the metric records
+    and the last validation loss."""
+    save_model_dir(out, model, tokenizer)
+    records = log.read()
+    plot_curves(records, out / "loss.png", title)
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    return records, (val_losses[-1] if val_losses else None)
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:

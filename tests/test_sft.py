@@ -15,7 +15,7 @@ import torch
 
 from lmforge.data.readers import DataError
 from lmforge.data.sft import SFTBatches, encode, read_conversations
-from lmforge.eval.chat import parse_answer, score
+from lmforge.eval.chat import FIGURES, parse_answer, score
 from lmforge.losses import IGNORE_INDEX, masked_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,15 +158,7 @@ def test_tiny_pipeline_with_sft(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "sft" / "summary.json").read_text())
-    figures = [
-        "heldout_fact_accuracy",
-        "seen_fact_accuracy",
-        "arith_accuracy",
-        "end_token_rate",
-        "refusal_rate",
-        "over_refusal_rate",
-    ]
-    for key in [*figures, *(f"base_{k}" for k in figures), "seconds", "device", "examples"]:
+    for key in [*FIGURES, *(f"base_{k}" for k in FIGURES), "seconds", "device", "examples"]:
         assert key in summary, key
     assert len(summary["dropped_too_long_where"]) == min(summary["dropped_too_long"], 20)
     assert summary["train_loss"] < 0.6 * summary["first_loss"]

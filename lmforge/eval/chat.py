@@ -28,6 +28,14 @@ EVAL_FILES = {
     "arithmetic": "sft_eval_arithmetic.jsonl",
     "safety": "sft_eval_safety.jsonl",
 }
+FIGURES = (
+    "heldout_fact_accuracy",
+    "seen_fact_accuracy",
+    "arith_accuracy",
+    "end_token_rate",
+    "refusal_rate",
+    "over_refusal_rate",
+)
 ANSWER_LINE = re.compile(r"(?:Answer|答案)\s*[:：]\s*(-?\d+)")
 
 
@@ -75,17 +83,7 @@ def reply(
 def score(sets: dict[str, list[dict]], replies: dict[str, list[tuple[str, bool]]]) -> dict:
     """The figures of the module docstring from eval items and their (text, ended) replies;
     a figure with no item to score is left out."""
-    hits: dict[str, list[bool]] = {
-        name: []
-        for name in (
-            "heldout_fact_accuracy",
-            "seen_fact_accuracy",
-            "arith_accuracy",
-            "end_token_rate",
-            "refusal_rate",
-            "over_refusal_rate",
-        )
-    }
+    hits: dict[str, list[bool]] = {name: [] for name in FIGURES}
     for name, items in sets.items():
         for item, (text, ended) in zip(items, replies[name]):
             hits["end_token_rate"].append(ended)

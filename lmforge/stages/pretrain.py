@@ -27,7 +27,6 @@ from lmforge.data.readers import read_records
 from lmforge.data.shards import TokenBatches, load_shard, prepare_shards, shard_key, shards_ready
 from lmforge.eval.facts import fact_accuracy
 from lmforge.eval.samples import unwanted_phrase_rate
-from lmforge.io import save_model_dir
 from lmforge.model import Transformer
 from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -40,9 +39,9 @@ from lmforge.train_utils import (
     autocast_dtype,
     build_optimizer,
     console,
+    finish_training,
     lr_at,
     measure_matmul_flops,
-    plot_curves,
     resume_latest,
     save_checkpoint,
     setup_device,
@@ -196,12 +195,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         dist.barrier()
     if not d.is_main:
         return {}
-    save_model_dir(out, model, tokenizer)
-    records = log.read()
-    plot_curves(records, out / "loss.png", "pretraining")
-    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    _, val_loss = finish_training(out, model, tokenizer, log, "pretraining")
     summary = {
-        "val_loss": val_losses[-1] if val_losses else None,
+        "val_loss": val_loss,
         "train_loss": round(loss_value, 6),
         "parameters": model.num_params(),
         "steps": pc.max_steps,

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.sft import SFTBatches, encode, read_conversations
 from lmforge.eval.chat import chat_eval
-from lmforge.io import load_model_dir, save_model_dir, write_json_atomic
+from lmforge.io import load_model_dir, write_json_atomic
 from lmforge.losses import IGNORE_INDEX, masked_cross_entropy
 from lmforge.model import Transformer
 from lmforge.runs import Timer, find_input, stage_dir, write_summary
@@ -43,9 +43,9 @@ from lmforge.train_utils import (
     autocast_dtype,
     build_optimizer,
     console,
+    finish_training,
     lr_at,
     measure_matmul_flops,
-    plot_curves,
     resume_latest,
     save_checkpoint,
     setup_device,
@@ -202,12 +202,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         dist.barrier()
     if not d.is_main:
         return {}
-    save_model_dir(out, model, tokenizer)
-    records = log.read()
-    plot_curves(records, out / "loss.png", "supervised fine-tuning")
-    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    records, val_loss = finish_training(out, model, tokenizer, log, "supervised fine-tuning")
     summary = {
-        "val_loss": val_losses[-1] if val_losses else None,
+        "val_loss": val_loss,
         "train_loss": round(loss_value, 6),
         "first_loss": records[0]["loss"] if records else None,
         "init": sc.init,
