@@ -54,7 +54,7 @@ def run(
     ),
     overrides: list[str] = OVERRIDES,
 ) -> None:
-    """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain)."""
+    """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain, sft)."""
     from lmforge.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
@@ -191,14 +191,28 @@ def chat(
 
 @app.command()
 def export(
-    model: Path = MODEL,
-    out: Path = typer.Option(..., "--out", "-o", help="Hugging Face model directory to write"),
+    model: Path = typer.Option(None, "--model", "-m", help="model directory to export"),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="LoRA adapter directory (e.g. runs/default/sft/adapter)"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Hugging Face directory to write"),
+    base: str = typer.Option(
+        None, "--base", help="with --adapter: the exported base model's directory or hub name"
+    ),
 ) -> None:
-    """Export a model directory in Hugging Face format (transformers loads it as is)."""
-    from lmforge.model.hf import export_hf
+    """Export a model directory in Hugging Face format (transformers loads it as is), or a
+    LoRA adapter directory as a PEFT adapter (PeftModel loads it onto the exported base)."""
+    from lmforge.model.hf import export_hf, export_peft
 
-    export_hf(model, out)
-    typer.echo(f"exported {model} to {out}")
+    if (model is None) == (adapter is None):
+        raise typer.BadParameter("give exactly one of --model and --adapter")
+    if adapter is None:
+        if base is not None:
+            raise typer.BadParameter("--base goes with --adapter (the adapter's base model)")
+        export_hf(model, out)
+    else:
+        export_peft(adapter, out, base)
+    typer.echo(f"exported {model or adapter} to {out}")
 
 
 @app.command("import")
@@ -211,6 +225,54 @@ def import_(
 
     cfg = import_hf(source, out)
     typer.echo(f"imported {source} to {out}: " + json.dumps(cfg.model_dump()))
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Option(
+        None, "--run", "-r", help="run directory: its pretrain/ and sft/ models and world/"
+    ),
+    models: list[Path] = typer.Option(
+        None, "--model", "-m", help="model directory, repeatable (default: the run's models)"
+    ),
+    world: Path = typer.Option(None, "--world", help="world directory (default: RUN/world)"),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="results JSON (default: RUN/eval.json); the table goes to .md"
+    ),
+    max_new_tokens: int = typer.Option(96, min=1, help="longest reply decoded"),
+) -> None:
+    """Compare models in chat format on the world's held-out SFT eval sets."""
+    from rich.console import Console
+
+    from lmforge.eval.compare import compare, label_models, rich_table, run_models, save_results
+    from lmforge.train_utils import setup_device
+
+    if run is None and not (models and world):
+        raise typer.BadParameter("give --run, or --model and --world")
+    labelled = label_models(models) if models else run_models(run)
+    world = world or run / "world"
+    out = out or (run / "eval.json" if run else None)
+    results = compare(labelled, world, max_new_tokens, setup_device("auto").device)
+    Console().print(rich_table(results, title=f"chat eval on {world}"))
+    if out:
+        markdown = save_results(out, results, labelled, world, max_new_tokens)
+        typer.echo(f"wrote {out} and {markdown}")
+
+
+@app.command()
+def ablate(
+    name: str = typer.Argument(..., help="sft-init, sft-replay or sft-lora"),
+    config: Path = CONFIG,
+    out: Path = OUT,
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Run one stage under each setting of an ablation in an existing run; tabulate the figures."""
+    from lmforge.ablations import ABLATIONS, run_ablation
+
+    if name not in ABLATIONS:
+        raise typer.BadParameter(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
+    run_ablation(name, out, config, overrides)
+    typer.echo((out / "ablations" / f"{name}.md").read_text(encoding="utf-8"))
 
 
 def main() -> None:

@@ -45,6 +45,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def read_json(path: Path, missing_hint: str) -> Any:
+    """Parse a JSON file; a missing or malformed one is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing ({missing_hint})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` so that a reader never sees a half-written file (see open_atomic)."""
     with open_atomic(path) as f:

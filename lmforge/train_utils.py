@@ -31,7 +31,8 @@ from lmforge.io import (
     write_json_atomic,
 )
 
-console = Console(stderr=True)
+# no emoji codes: a data location such as "sft.jsonl:100: ..." would print as "sft.jsonl💯 ..."
+console = Console(stderr=True, emoji=False)
 
 
 # ---- device and distributed ---------------------------------------------------------------
@@ -84,12 +85,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def all_reduce_mean(value: float, d: Dist) -> float:
+def all_reduce_sum(value: float, d: Dist) -> float:
+    """The sum of `value` over all ranks (itself in a single process)."""
     if d.world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
-    return t.item() / d.world_size
+    return t.item()
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    return all_reduce_sum(value, d) / d.world_size
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:

@@ -1,15 +1,24 @@
-"""Shared small fixtures: a tokenizer trained once per session and tiny model configs."""
+"""Shared small fixtures: a tokenizer trained once per session and tiny model configs; and
+for the Hugging Face tests, tiny transformers models and tokenizers with specials and chat
+templates of their own."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import pre_tokenizers, trainers
 
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer, build_untrained, train_tokenizer
 
 _EN_TEXT = (
     "the quick brown fox jumps over a lazy dog while capital city river mountain "
@@ -53,6 +62,22 @@ def corpus_lines(n: int = 300, seed: int = 0) -> list[str]:
     return lines
 
 
+# the command line as a user runs it, one thread per process (the tests share a few cores)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def lmforge(*args) -> subprocess.CompletedProcess:
+    """`python -m lmforge ARGS` in a subprocess, its output captured."""
+    cmd = [sys.executable, "-m", "lmforge", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+
+
+def losses(stage_dir: Path) -> list[float]:
+    """The training losses a stage logged, step by step."""
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     """A byte-level BPE of ~400 ids trained on `corpus_lines()`."""
@@ -90,3 +115,77 @@ def make_model(make_model_config):
         return Transformer(make_model_config(**overrides)).eval()
 
     return make
+
+
+# ---- Hugging Face (callers skip without transformers) -------------------------------------
+# Qwen2-Instruct's chat template (ChatML, with a default system message)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+
+
+def own_specials_tokenizer(
+    extra_specials: Sequence[str] = (), chat_template: str | None = None, **special_tokens: str
+):
+    """A byte-level BPE (every byte, ~100 merges of `corpus_lines()`) whose specials are not
+    lmforge's, wrapped as transformers would save it: `special_tokens` (bos_token="<s>", ...)
+    and `extra_specials` are added after the vocabulary, in that order."""
+    import transformers
+
+    hf = build_untrained()
+    trainer = trainers.BpeTrainer(
+        vocab_size=350, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    hf.train_from_iterator(corpus_lines(), trainer=trainer)
+    hf.add_special_tokens(list(dict.fromkeys([*special_tokens.values(), *extra_specials])))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf, chat_template=chat_template, **special_tokens
+    )
+
+
+def make_hf_model(arch: str, vocab_size: int, tie: bool, n_kv_heads: int, seed: int = 0):
+    """A small random HF Llama or Qwen2 (q/k/v bias); every weight (norms and biases too)
+    drawn at random."""
+    import transformers
+
+    config_cls = transformers.Qwen2Config if arch == "qwen2" else transformers.LlamaConfig
+    model_cls = transformers.Qwen2ForCausalLM if arch == "qwen2" else transformers.LlamaForCausalLM
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p)
+            )
+    return model
+
+
+def forward_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    """The logits of an lmforge or a transformers model."""
+    with torch.no_grad():
+        out = model(idx)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def hf_ids(result) -> list[int]:
+    """apply_chat_template(tokenize=True) returns a list or (transformers 5) a BatchEncoding."""
+    if hasattr(result, "keys"):
+        result = result["input_ids"]
+    return list(result)

@@ -56,8 +56,8 @@ def losses(run: Path) -> list[float]:
 def test_tiny_pipeline_writes_every_record(tmp_path):
     out = tmp_path / "run"
     proc = lmforge("run", "--config", str(TINY), "--out", str(out))
-    assert load_config(TINY).stages == ["world", "clean", "tokenizer", "pretrain"]
-    for stage in ("world", "clean", "tokenizer", "pretrain"):
+    assert load_config(TINY).stages == ["world", "clean", "tokenizer", "pretrain", "sft"]
+    for stage in ("world", "clean", "tokenizer", "pretrain", "sft"):
         assert (out / stage / "summary.json").exists(), stage
         assert (out / stage / "config.toml").exists(), stage
         assert "seconds" in json.loads((out / stage / "summary.json").read_text())

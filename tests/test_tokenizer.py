@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from conftest import hf_ids
 
 from lmforge.tokenizer import (
     CHAT_TEMPLATE,
@@ -262,13 +263,6 @@ def test_missing_tokenizer_file_names_the_path(tmp_path):
         Tokenizer.from_file(tmp_path)
 
 
-def _hf_ids(result):
-    """apply_chat_template(tokenize=True) returns a list or (transformers 5) a BatchEncoding."""
-    if isinstance(result, dict) or hasattr(result, "keys"):
-        result = result["input_ids"]
-    return list(result)
-
-
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_hf_apply_chat_template_matches_render_chat(tokenizer, tmp_path, generation_prompt):
     transformers = pytest.importorskip("transformers")
@@ -285,7 +279,7 @@ def test_hf_apply_chat_template_matches_render_chat(tokenizer, tmp_path, generat
     ]
     if not generation_prompt:
         messages = messages[:3]
-    got = _hf_ids(
+    got = hf_ids(
         hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     )
     ids, _ = tokenizer.render_chat(messages, add_generation_prompt=generation_prompt)

@@ -2,8 +2,9 @@
 
 Records (ARCHITECTURE.md) are `{"messages": [{"role", "content"}, ...]}`, `{"prompt",
 "response"}` or Alpaca `{"instruction", "input", "output"}`; a malformed one raises a
-DataError naming file:line. Rendering uses the tokenizer's chat template, so only assistant
-turns and their closing `<|end|>` carry loss.
+DataError naming file:line (`file:[i]` for element i of a JSON array). Rendering uses the
+tokenizer's chat template, so only assistant turns and their closing `<|end|>` carry loss.
+A prompt already wrapped in the Alpaca prompt template is unwrapped first (`unwrap_alpaca`).
 
 Nothing is cut silently. A conversation longer than `max_len` keeps its leading turns up to
 the last assistant reply (with its `<|end|>`) that fits whole; if not even the first reply
@@ -18,6 +19,7 @@ g of that order, so a resumed run continues the exact data order.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,53 @@ from lmforge.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+
+# Stanford Alpaca's two prompt templates (without and with an input), as datasets such as
+# mosaicml/dolly_hhrlhf ship them: the exact preamble sentence, then the three markers.
+ALPACA_PREAMBLE = "Below is an instruction that describes a task"
+_ALPACA_WRAPPED = re.compile(
+    rf"{ALPACA_PREAMBLE}\. "
+    r"Write a response that appropriately completes the request\.\n\n"
+    r"### Instruction:\n(?P<instruction>.+?)\n\n"
+    r"### Response:\s*"
+    r"|"
+    rf"{ALPACA_PREAMBLE}, paired with an input that provides further context\. "
+    r"Write a response that appropriately completes the request\.\n\n"
+    r"### Instruction:\n(?P<instruction_with_input>.+?)\n\n"
+    r"### Input:\n(?P<input>.+?)\n\n"
+    r"### Response:\s*",
+    re.DOTALL,
+)
+
+
+def alpaca_prompt(instruction: str, extra: str) -> str:
+    """The user turn of an Alpaca record: the instruction, then its input if any."""
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def unwrap_alpaca(prompt: str, where: str) -> str:
+    """The plain instruction (and input) of a prompt wrapped in the Alpaca prompt template;
+    any other prompt unchanged.
+
+    Our chat template already marks the user turn and the reply. Left wrapped, the model
+    would learn the foreign preamble and `### Response:` inside the user turn, and expect
+    them at inference, where users never write them. Only the whole template matches (the
+    preamble sentence word for word, then `### Instruction:`, optionally `### Input:`, and a
+    final `### Response:`), so a prompt that merely mentions these markers is left alone.
+    A prompt that opens with the preamble but is not the whole template (an edited template,
+    or a response begun inside the prompt) raises, rather than being trained on wrapped.
+    """
+    match = _ALPACA_WRAPPED.fullmatch(prompt)
+    if match is None:
+        if prompt.startswith(ALPACA_PREAMBLE):
+            raise DataError(
+                f"{where}: prompt opens with the Alpaca template's preamble but is not the "
+                "whole template (preamble, ### Instruction:, [### Input:,] ### Response:)"
+            )
+        return prompt
+    if match["instruction"] is not None:
+        return match["instruction"]
+    return alpaca_prompt(match["instruction_with_input"], match["input"])
 
 
 def to_messages(record: dict, where: str) -> list[dict]:
@@ -51,11 +100,10 @@ def to_messages(record: dict, where: str) -> list[dict]:
     if "prompt" in record and "response" in record:
         prompt, response = record["prompt"], record["response"]
     elif "instruction" in record and "output" in record:
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: 'input' must be a string")
-        prompt = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
-        response = record["output"]
+        prompt, extra, response = record["instruction"], record.get("input"), record["output"]
+        if not isinstance(prompt, str) or not isinstance(extra, str | None):
+            raise DataError(f"{where}: 'instruction' and 'input' must be strings")
+        prompt = alpaca_prompt(prompt, extra or "")
     else:
         raise DataError(
             f"{where}: expected 'messages', 'prompt'+'response' or "
@@ -63,7 +111,8 @@ def to_messages(record: dict, where: str) -> list[dict]:
         )
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise DataError(f"{where}: prompt and response must be strings")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    user = unwrap_alpaca(prompt, where)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
 
 def read_conversations(path: str | Path) -> list[tuple[str, list[dict]]]:
@@ -76,6 +125,7 @@ class Example:
     where: str
     ids: list[int]
     mask: list[bool]
+    segments: list[int] | None = None  # packed rows: the conversation each token belongs to
 
 
 @dataclass
@@ -111,17 +161,57 @@ def encode(
     return out
 
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(examples: list[Example], max_len: int) -> list[Example]:
+    """Concatenate consecutive examples into rows of at most max_len tokens (greedily, in
+    order), recording each token's conversation in `segments`, so that far fewer tokens are
+    padding. `collate` turns the segments into a mask that keeps attention inside each
+    conversation and positions that restart at 0 for each, so a packed conversation is
+    computed exactly as it would be alone."""
+    rows: list[Example] = []
+    for e in examples:
+        last = rows[-1] if rows else None
+        if last is not None and len(last.ids) + len(e.ids) <= max_len:
+            last.segments += [last.segments[-1] + 1] * len(e.ids)
+            last.ids, last.mask = last.ids + e.ids, last.mask + e.mask
+        else:
+            rows.append(Example(e.where, list(e.ids), list(e.mask), [0] * len(e.ids)))
+    return rows
+
+
+def collate(
+    examples: list[Example], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Inputs and targets (B, longest - 1): inputs padded with pad_id, targets the next
-    tokens, IGNORE_INDEX where the next token carries no loss or is padding."""
+    tokens, IGNORE_INDEX where the next token carries no loss or is padding. The third item
+    is the inputs' segment ids (B, longest - 1) for packed examples (padding is a segment of
+    its own), else None; `segment_attention` makes the model's mask and positions from it."""
     width = max(len(e.ids) for e in examples) - 1
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
     y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    packed = examples[0].segments is not None
+    segments = torch.full((len(examples), width), -1, dtype=torch.long) if packed else None
     for row, e in enumerate(examples):
         ids = torch.tensor(e.ids, dtype=torch.long)
         x[row, : len(ids) - 1] = ids[:-1]
         y[row, : len(ids) - 1] = torch.where(torch.tensor(e.mask[1:]), ids[1:], IGNORE_INDEX)
-    return x, y
+        if packed:
+            segments[row, : len(ids) - 1] = torch.tensor(e.segments[:-1])
+    return x, y, segments
+
+
+def segment_attention(segments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `mask` (B, 1, T, T) and rotary `positions` (B, T) of packed rows: a token attends
+    to the earlier tokens of its own segment only, and positions count from each segment's
+    start. Every query sees at least itself, so no attention row is empty."""
+    T = segments.size(1)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a segment starts here
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    start = torch.where(new, index, 0).cummax(dim=1).values  # each token's segment start
+    positions = index - start
+    return {"mask": (same & causal)[:, None], "positions": positions}
 
 
 class SFTBatches:

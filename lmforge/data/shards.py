@@ -52,6 +52,12 @@ def shards_ready(data_dir: Path, key: dict) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("key") == key
 
 
+def find_shards(key: dict, candidates: list[Path]) -> Path | None:
+    """The first of `candidates` holding complete shards made from exactly `key`, if any:
+    an earlier stage (clean with a tokenizer, pretrain) may already have tokenized the corpus."""
+    return next((d for d in candidates if shards_ready(d, key)), None)
+
+
 def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:
     """Tokenize a corpus (a file or a sharded directory) into train.npy and val.npy, unless
     shards of this exact corpus and tokenizer exist; every 1/val_fraction-th document goes

@@ -1,4 +1,5 @@
-"""Hugging Face interop: export an lmforge model directory, import a Llama or Qwen2 checkpoint.
+"""Hugging Face interop: export an lmforge model directory, import a Llama or Qwen2 checkpoint,
+export a LoRA adapter directory as a PEFT adapter.
 
 Parameter names are those of `LlamaForCausalLM` / `Qwen2ForCausalLM` one for one, so both
 directions are a config translation plus a copy of the tensors. A model with q/k/v bias is a
@@ -28,10 +29,12 @@ from lmforge.io import (
     load_model_state,
     load_tensors,
     model_state,
+    read_json,
     save_model_dir,
     save_tensors_atomic,
     write_json_atomic,
 )
+from lmforge.model.lora import ADAPTER_WEIGHTS, TOKEN_ROWS, read_adapter_config
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer, TokenizerError
 
@@ -98,6 +101,104 @@ def export_hf(model_dir: Path, out_dir: Path) -> None:
     )
     tokenizer.hf.save(str(out_dir / "tokenizer.json"))
     write_json_atomic(out_dir / "tokenizer_config.json", tokenizer.hf_config())
+
+
+def export_peft(
+    adapter_dir: Path, out_dir: Path, base_model_name_or_path: str | None = None
+) -> None:
+    """Write an lmforge adapter directory (`lora.save_adapter`) as a PEFT LoRA adapter:
+    `PeftModel.from_pretrained(base, out_dir)` loads it onto the Hugging Face export of its
+    base model (`export_hf`).
+
+    The adapter's own `base_model` is an lmforge directory, which transformers cannot load, so
+    `base_model_name_or_path` (the exported base's directory or hub name) is what
+    adapter_config.json records; without it, it records none and the base is passed by hand.
+    PEFT's saved names are lmforge's behind the `base_model.model.` of its wrapper.
+
+    Trained token rows (`lora.train_token_rows`) become PEFT's trainable tokens
+    (`LoraConfig.trainable_token_indices`). PEFT saves a matrix's rows as
+    `base_model.model.<matrix>.token_adapter.trainable_tokens_delta`: despite the name, the
+    rows' full new values, which it writes over the base rows (index_copy), as lmforge saves
+    them, so no base weights are needed. A tied model has embedding rows only, which PEFT's
+    list form of the indices puts on the embedding and on the lm_head tied to it; an untied
+    one has lm_head rows too, and the dict form names both matrices. Where the adapter's base
+    model directory is at hand, its tie_embeddings says which of the two the rows must be.
+    """
+    cfg, base_model, token_ids = read_adapter_config(adapter_dir)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    tensors = load_tensors(path)
+    rows = {
+        k.removesuffix(TOKEN_ROWS): tensors.pop(k) for k in list(tensors) if k.endswith(TOKEN_ROWS)
+    }
+    tied = _ties_embeddings(Path(base_model)) if token_ids else None
+    trainable_token_indices = _trainable_token_indices(path, token_ids, rows, tied)
+    peft_tensors = {f"base_model.model.{k}": v for k, v in tensors.items()}
+    for name, v in rows.items():
+        peft_tensors[f"base_model.model.{name}.token_adapter.trainable_tokens_delta"] = v
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(peft_tensors, out_dir / "adapter_model.safetensors", {"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": cfg.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        # scaling alpha / r, plain LoRA: what LoRALinear computes
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "trainable_token_indices": trainable_token_indices,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+    }
+    write_json_atomic(out_dir / "adapter_config.json", config)
+
+
+_EMBED, _HEAD = "model.embed_tokens", "lm_head"
+
+
+def _ties_embeddings(model_dir: Path) -> bool | None:
+    """tie_embeddings of the lmforge model directory `model_dir`; None when it cannot be read
+    (the base need not be at hand to export an adapter)."""
+    try:
+        config = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+        return ModelConfig.model_validate(config).tie_embeddings
+    except (OSError, ValueError):  # missing, not JSON, not a ModelConfig
+        return None
+
+
+def _trainable_token_indices(
+    path: Path, token_ids: list[int], rows: dict[str, Any], tied: bool | None
+) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices` for the token rows `rows` (matrix name -> rows) that
+    `path` holds for adapter.json's `token_ids`, on a base model whose embeddings are `tied`
+    (None: unknown); None without any rows. A misfit is refused, naming `path`: PEFT would
+    load it as a wrong model or not at all."""
+    if not token_ids and not rows:
+        return None
+    found = sorted(name + TOKEN_ROWS for name in rows)
+    if not token_ids:
+        raise CheckpointError(f"{path}: has token rows {found} but adapter.json has no token_ids")
+    fits = [{_EMBED}, {_EMBED, _HEAD}] if tied is None else [{_EMBED} if tied else {_EMBED, _HEAD}]
+    if set(rows) not in fits:
+        expected = " and ".join(sorted(name + TOKEN_ROWS for name in fits[-1]))
+        which = {None: "", True: " (tied embeddings)", False: " (untied lm_head)"}[tied]
+        raise CheckpointError(
+            f"{path}: adapter.json has token_ids but the file has token rows {found}; "
+            f"expected {expected}{which}"
+        )
+    for name, v in rows.items():
+        if v.ndim != 2 or v.shape[0] != len(token_ids) or v.shape[1] != rows[_EMBED].shape[1]:
+            raise CheckpointError(
+                f"{path}: {name}{TOKEN_ROWS} has shape {tuple(v.shape)}, expected "
+                f"({len(token_ids)}, dim) for {len(token_ids)} token_ids"
+            )
+    if _HEAD in rows:
+        return {"embed_tokens": list(token_ids), "lm_head": list(token_ids)}
+    return list(token_ids)
 
 
 def _unsupported(path: Path, key: str, value: Any, why: str) -> CheckpointError:
@@ -220,21 +321,15 @@ def import_hf(source: str | Path, out_dir: Path) -> ModelConfig:
     """Write an lmforge model directory from a Llama or Qwen2 Hugging Face checkpoint: a
     local directory, or a hub name (`owner/model`) when huggingface_hub can download it.
 
-    The imported tokenizer keeps its own special ids (see `Tokenizer`)."""
+    The imported tokenizer keeps its own special ids and chat template, which SFT and the
+    chat evaluation render with (see `Tokenizer`)."""
     hf_dir = Path(source)
     if not hf_dir.is_dir():
         if hf_dir.exists() or not _HUB_NAME.match(str(source)):
             raise CheckpointError(f"{source}: no such directory")
         hf_dir = _download(str(source))
     config_path = hf_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{config_path}: file is missing (is {hf_dir} a Hugging Face model directory?)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json(config_path, f"is {hf_dir} a Hugging Face model directory?")
     cfg = model_config_from_hf(config, config_path)
     weight_files = _weight_files(hf_dir)
     tokenizer = _load_tokenizer(hf_dir)

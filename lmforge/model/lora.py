@@ -13,21 +13,34 @@ and `...q_proj.lora_B.weight` next to the unchanged base names (`...q_proj.weigh
 export is a rename. `merge_lora` folds W += (alpha / rank) * B A into the base weights and
 turns the model back into a plain Transformer with the base model's state-dict keys.
 
-    targets = apply_lora(model, LoRAConfig(rank=8))
+    targets = apply_lora(model, cfg)           # cfg = LoRAConfig(rank=8)
     opt = build_optimizer(model, ...)          # sees only the adapters (requires_grad)
     ...                                         # train
-    save_file(lora_state_dict(model), path)     # adapters only
+    save_adapter(out / "adapter", model, cfg, str(base_dir))  # adapters only
     merge_lora(model)                           # before export
+
+An adapter directory holds `adapter.safetensors` (the `lora_state_dict`) and `adapter.json`
+(the LoRAConfig and the base model it was trained on): `load_adapter` puts it back on that
+base, `hf.export_peft` turns it into a PEFT adapter.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from lmforge.config import LoRAConfig
+from lmforge.io import (
+    CheckpointError,
+    load_tensors,
+    read_json,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 from lmforge.model.transformer import Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -118,6 +131,97 @@ def load_lora(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             own[k].copy_(v)
 
 
+def _token_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The input embedding and, when untied, the output matrix: both have a row per token."""
+    matrices = {"model.embed_tokens": model.model.embed_tokens.weight}
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        matrices["lm_head"] = model.lm_head.weight
+    return matrices
+
+
+def train_token_rows(model: nn.Module, token_ids: list[int]) -> None:
+    """Let only the rows of `token_ids` in the embedding (and untied output) matrices train.
+    A hook zeroes every other row's gradient, so AdamW never moves those rows (its update
+    is 0/eps for a gradient that was always 0; these matrices get no weight decay), and
+    `count_trainable` counts the chosen rows only."""
+    for weight in _token_matrices(model).values():
+        keep = torch.zeros(weight.size(0), 1, dtype=weight.dtype, device=weight.device)
+        keep[token_ids] = 1.0
+        weight.requires_grad_(True)
+        weight.row_hook = weight.register_hook(lambda grad, keep=keep: grad * keep)
+        weight.trainable_rows = len(token_ids)
+
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_KEYS = ("rank", "alpha", "dropout", "target_modules", "token_ids", "base_model")
+TOKEN_ROWS = ".token_rows"  # suffix of the saved rows: "model.embed_tokens.token_rows"
+
+
+def save_adapter(
+    directory: Path, model: nn.Module, cfg: LoRAConfig, base_model: str, token_ids: list[int]
+) -> None:
+    """Write the adapters of `model` (prepared by `apply_lora` with `cfg`) and the trained
+    rows of `token_ids` (`train_token_rows`; none when empty) to `directory`: a few MB
+    instead of a whole model, and `base_model` records what they apply to."""
+    tensors = lora_state_dict(model)
+    if not tensors:  # e.g. called after merge_lora: an empty adapter would load as the base
+        raise ValueError("save_adapter: the model has no LoRA adapters (save before merge_lora)")
+    if token_ids:
+        for name, weight in _token_matrices(model).items():
+            tensors[name + TOKEN_ROWS] = weight.detach()[token_ids].clone()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(tensors, directory / ADAPTER_WEIGHTS)
+    record = {**cfg.model_dump(), "token_ids": list(token_ids), "base_model": base_model}
+    write_json_atomic(directory / ADAPTER_CONFIG, record)
+
+
+def read_adapter_config(directory: Path) -> tuple[LoRAConfig, str, list[int]]:
+    """The LoRAConfig, base model and trained token rows' ids of an adapter directory. Every
+    key is required: a default filled in for a missing one (rank 8, say) would load as a
+    wrong adapter."""
+    path = directory / ADAPTER_CONFIG
+    record = read_json(path, f"is {directory} an adapter directory?")
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with keys {list(ADAPTER_KEYS)}")
+    missing = [k for k in ADAPTER_KEYS if k not in record]
+    if missing:
+        raise CheckpointError(f"{path}: missing key {missing[0]!r}")
+    base_model = record.pop("base_model")
+    token_ids = record.pop("token_ids")
+    if not (isinstance(token_ids, list) and all(isinstance(t, int) for t in token_ids)):
+        raise CheckpointError(f"{path}: token_ids must be a list of token ids")
+    try:
+        return LoRAConfig.model_validate(record), str(base_model), token_ids
+    except ValidationError as e:
+        bad = ", ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise CheckpointError(f"{path}: bad value ({bad})") from None
+
+
+def load_adapter(directory: Path, model: nn.Module) -> LoRAConfig:
+    """Put the adapters saved in `directory` on `model` (their base model, without adapters):
+    `apply_lora` with the saved config, then the saved tensors. Returns the config."""
+    cfg, _, token_ids = read_adapter_config(directory)
+    path = directory / ADAPTER_WEIGHTS
+    tensors = load_tensors(path)
+    rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(TOKEN_ROWS)}
+    apply_lora(model, cfg)
+    try:
+        load_lora(model, tensors)
+        matrices = _token_matrices(model)
+        if token_ids and set(rows) != {name + TOKEN_ROWS for name in matrices}:
+            raise ValueError(
+                f"token rows {sorted(rows)} do not fit this model's {sorted(matrices)}"
+            )
+        with torch.no_grad():
+            for name, weight in matrices.items():
+                if token_ids:
+                    weight[token_ids] = rows[name + TOKEN_ROWS].to(weight.dtype)
+    except (ValueError, IndexError, RuntimeError) as e:  # another base model or config
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, W <- W + (alpha / rank) * B A, and put plain
     `Linear` layers back: the state dict then has exactly the base model's keys. All
@@ -127,10 +231,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
             _replace(model, name, m.merged())
     for p in model.parameters():
         p.requires_grad_(True)
+        if hasattr(p, "row_hook"):  # every row trains again too
+            p.row_hook.remove()
+            del p.row_hook, p.trainable_rows
     return model
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied parameter counts once."""
+    """(trainable, total) parameter counts; a tied parameter counts once, and a matrix of
+    which only some rows train (`train_token_rows`) counts those rows."""
     params = list(model.parameters())  # parameters() yields a shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def trainable(p: torch.Tensor) -> int:
+        rows = getattr(p, "trainable_rows", None)
+        return p[0].numel() * rows if rows is not None else p.numel()
+
+    return sum(trainable(p) for p in params if p.requires_grad), sum(p.numel() for p in params)

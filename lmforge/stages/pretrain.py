@@ -24,14 +24,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.readers import read_records
-from lmforge.data.shards import TokenBatches, load_shard, prepare_shards, shard_key, shards_ready
+from lmforge.data.shards import TokenBatches, find_shards, load_shard, prepare_shards, shard_key
 from lmforge.eval.facts import fact_accuracy
+from lmforge.eval.lm import lm_loss
 from lmforge.eval.samples import unwanted_phrase_rate
+from lmforge.io import load_model_dir
 from lmforge.model import Transformer
 from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
-    Dist,
     MetricsLog,
     TrainingProgress,
     all_reduce_mean,
@@ -48,49 +49,39 @@ from lmforge.train_utils import (
 )
 
 
-def evaluate_loss(model, batches: TokenBatches, n_batches: int, micro: int, d: Dist, amp) -> float:
-    """Mean next-token loss over the first n_batches * micro * world_size validation windows,
-    split over ranks (the same windows whatever the split)."""
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(n_batches):
-            x, y = batches.fixed_batch(i, micro, d.rank, d.world_size)
-            x, y = x.to(d.device), y.to(d.device)
-            with amp():
-                logits = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
-    model.train()
-    return all_reduce_mean(total / n_batches, d)
-
-
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     timer = Timer()
     pc = cfg.pretrain
     d = setup_device(pc.device, pc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, "pretrain", cfg) if d.is_main else run_dir / "pretrain"
-    tokenizer = Tokenizer.from_file(
-        find_input(run_dir, pc.tokenizer, "pretrain.tokenizer", ["tokenizer/tokenizer.json"])
-    )
-    corpus = find_input(run_dir, pc.corpus, "pretrain.corpus", CORPUS_CANDIDATES)
-    mcfg = cfg.model
-    if mcfg.vocab_size == 0:
-        mcfg = mcfg.model_copy(update={"vocab_size": tokenizer.vocab_size})
-    if mcfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
+    if pc.init_from:  # continued pretraining: that model's config, tokenizer and weights
+        init_dir = find_input(run_dir, pc.init_from, "pretrain.init_from", [])
+        model, tokenizer = load_model_dir(init_dir, d.device)
+    else:
+        tokenizer = Tokenizer.from_file(
+            find_input(run_dir, pc.tokenizer, "pretrain.tokenizer", ["tokenizer/tokenizer.json"])
         )
-    if pc.seq_len > mcfg.max_seq_len:
+        mcfg = cfg.model
+        if mcfg.vocab_size == 0:
+            mcfg = mcfg.model_copy(update={"vocab_size": tokenizer.vocab_size})
+        if mcfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
+            )
+        torch.manual_seed(cfg.seed)
+        model = Transformer(mcfg).to(d.device)
+    corpus = find_input(run_dir, pc.corpus, "pretrain.corpus", CORPUS_CANDIDATES)
+    if pc.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
-            f"pretrain.seq_len ({pc.seq_len}) exceeds model.max_seq_len ({mcfg.max_seq_len})"
+            f"pretrain.seq_len ({pc.seq_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})"
         )
 
     # data: token shards the clean stage made for this corpus and tokenizer, else rank 0
     # tokenizes into pretrain/data while the others wait, then all map the same files
     key = shard_key(corpus, tokenizer, pc.val_fraction)
-    data_dir = run_dir / "clean" / "tokens"
-    if not shards_ready(data_dir, key):
+    data_dir = find_shards(key, [run_dir / "clean" / "tokens"])
+    if data_dir is None:
         data_dir = out / "data"
         if d.is_main:
             prepare_shards(corpus, tokenizer, data_dir, pc.val_fraction)
@@ -103,8 +94,6 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     )
     val_data = TokenBatches(load_shard(data_dir / "val.npy"), pc.seq_len, global_batch, cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(d.device)
     optimizer = build_optimizer(model, pc.lr, pc.weight_decay, (pc.beta1, pc.beta2))
     ckpt_dir = out / "checkpoints"
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
@@ -127,7 +116,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     tokens_per_step = global_batch * pc.seq_len
     if d.is_main:
         console.print(
-            f"pretrain: {model.num_params():,} parameters, {meta['train_tokens']:,} train tokens, "
+            f"pretrain: {model.num_params():,} parameters"
+            + (f" from {pc.init_from}" if pc.init_from else "")
+            + f", {meta['train_tokens']:,} train tokens, "
             f"{pc.max_steps} steps x {tokens_per_step:,} tokens on {d.device} x {d.world_size}"
         )
 
@@ -171,9 +162,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 window_start, window_tokens = time.perf_counter(), 0
             if done % pc.eval_every == 0 or done == pc.max_steps:
                 record["val_loss"] = round(
-                    evaluate_loss(
-                        train_model, val_data, n_val_batches, pc.micro_batch_size, d, amp
-                    ),
+                    lm_loss(train_model, val_data, n_val_batches, pc.micro_batch_size, d, amp),
                     6,
                 )
                 if d.is_main:
@@ -200,6 +189,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         "val_loss": val_loss,
         "train_loss": round(loss_value, 6),
         "parameters": model.num_params(),
+        "init_from": pc.init_from,
         "steps": pc.max_steps,
         "tokens_seen": pc.max_steps * tokens_per_step,
         "token_shards": str(data_dir),

@@ -1,13 +1,23 @@
-"""Stage `sft`: supervised fine-tuning of all weights on chat conversations.
+"""Stage `sft`: supervised fine-tuning on chat conversations, of all weights or of LoRA adapters.
 
     DIR/world/sft_train.jsonl ─render─▶ (ids, loss mask) ─train─▶ DIR/sft/model.safetensors
-    base model (DIR/pretrain) ──────────────────────────────┘
+    base model (DIR/pretrain) ──────────────────────────────┘      DIR/sft/adapter/ (LoRA)
 
 Loss is the masked cross-entropy of `losses.py`: only assistant turns and their `<|end|>`.
 Every 1/val_fraction-th conversation is held out for the validation loss. Before training,
 the base model is scored in chat format (the `base_` figures of summary.json), so the
 summary says what SFT changed. `sft.init="random"` starts from random weights of the same
 config instead (the ablation: what pretraining contributes).
+
+`sft.method="lora"` freezes the base weights and trains adapters only (`model/lora.py`); the
+adapters are saved on their own (`adapter/`, exportable to PEFT) and merged into the weights
+of the model directory, so every later stage sees a plain model.
+
+Forgetting: fine-tuning on a narrow set of conversations can erase what pretraining taught.
+`lm_loss_before` / `lm_loss_after` measure it, as the language-modelling loss on the held-out
+pretraining text (the corpus's validation split); `sft.replay_fraction` counters it by making
+that share of every batch's rows windows of pretraining text, every token of which carries
+loss (InstructGPT's "pretraining mix").
 
 Runs as one process or under `torchrun` with DDP, like pretraining: every rank draws its
 share of the same global batch. Checkpoints every `checkpoint_every` steps; `resume=True`
@@ -20,6 +30,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,17 +39,28 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
-from lmforge.data.sft import SFTBatches, encode, read_conversations
+from lmforge.data.sft import SFTBatches, encode, pack, read_conversations, segment_attention
+from lmforge.data.shards import TokenBatches, find_shards, load_shard, prepare_shards, shard_key
 from lmforge.eval.chat import chat_eval
+from lmforge.eval.lm import lm_loss
 from lmforge.io import load_model_dir, write_json_atomic
 from lmforge.losses import IGNORE_INDEX, masked_cross_entropy
 from lmforge.model import Transformer
-from lmforge.runs import Timer, find_input, stage_dir, write_summary
+from lmforge.model.lora import (
+    apply_lora,
+    count_trainable,
+    merge_lora,
+    save_adapter,
+    train_token_rows,
+)
+from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
+from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
     MetricsLog,
     TrainingProgress,
     all_reduce_mean,
+    all_reduce_sum,
     autocast,
     autocast_dtype,
     build_optimizer,
@@ -53,26 +75,74 @@ from lmforge.train_utils import (
 
 
 def evaluate_loss(model, batches: SFTBatches, micro: int, d: Dist, amp) -> float:
-    """Masked loss over every validation example (token-weighted), split over ranks."""
+    """Masked loss over every validation example, split over ranks: the mean over all loss
+    tokens, whatever the split."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in batches.fixed_batches(micro, d.rank, d.world_size):
+        for x, y, segments in batches.fixed_batches(micro, d.rank, d.world_size):
             x, y = x.to(d.device), y.to(d.device)
             with amp():
                 n = int((y != IGNORE_INDEX).sum())
-                total += masked_cross_entropy(model(x), y).item() * n
+                total += masked_cross_entropy(_forward(model, x, segments), y).item() * n
             count += n
     model.train()
-    return all_reduce_mean(total / max(count, 1), d)
+    return all_reduce_sum(total, d) / max(all_reduce_sum(count, d), 1)
 
 
-def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+def pretraining_shards(
+    cfg: RunConfig, run_dir: Path, out: Path, tokenizer: Tokenizer, d: Dist
+) -> Path | None:
+    """The directory of the pretraining corpus's token shards (train.npy for replay, val.npy
+    for the forgetting figures), tokenized into DIR/sft/data unless an earlier stage already
+    did it with this tokenizer; None when `sft.replay_corpus` is not set and the run has no
+    corpus (an outside base model fine-tuned on outside data: nothing to replay)."""
+    sc = cfg.sft
+    if sc.replay_corpus:
+        corpus = find_input(run_dir, sc.replay_corpus, "sft.replay_corpus", CORPUS_CANDIDATES)
+    else:
+        found = [run_dir / c for c in CORPUS_CANDIDATES if (run_dir / c).exists()]
+        if not found:
+            return None
+        corpus = found[0]
+    # the pretraining split, so that the validation windows are text the base never trained on
+    key = shard_key(corpus, tokenizer, cfg.pretrain.val_fraction)
+    data_dir = find_shards(key, [run_dir / "clean" / "tokens", run_dir / "pretrain" / "data"])
+    if data_dir is None:
+        data_dir = out / "data"
+        if d.is_main:
+            prepare_shards(corpus, tokenizer, data_dir, cfg.pretrain.val_fraction)
+    if d.world_size > 1:
+        dist.barrier()
+    return data_dir
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, segments
+
+
+def _with_replay(batch: Batch, replay: tuple[torch.Tensor, torch.Tensor]) -> Batch:
+    """Append replay windows, cut to the conversations' width, as extra rows of the batch
+    (each window one segment of its own when the conversations are packed)."""
+    x, y, segments = batch
+    rx, ry = (t[:, : x.size(1)] for t in replay)
+    if segments is not None:
+        segments = torch.cat([segments, torch.zeros_like(rx)])
+    return torch.cat([x, rx]), torch.cat([y, ry]), segments
+
+
+def _forward(model, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """Logits; packed rows attend within their own conversation (`segment_attention`)."""
+    extra = segment_attention(segments.to(x.device)) if segments is not None else {}
+    return model(x, **extra)
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft") -> dict:
+    """Fine-tune into DIR/<stage>/ (ablations write their variants elsewhere than `sft`)."""
     timer = Timer()
     sc = cfg.sft
     d = setup_device(sc.device, sc.num_threads)
     run_dir = Path(run_dir)
-    out = stage_dir(run_dir, "sft", cfg) if d.is_main else run_dir / "sft"
+    out = stage_dir(run_dir, stage, cfg) if d.is_main else run_dir / stage
     base_dir = find_input(run_dir, sc.model, "sft.model", ["pretrain/model.safetensors"])
     if base_dir.is_file():
         base_dir = base_dir.parent
@@ -84,6 +154,15 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         raise ConfigError(
             f"sft.max_len ({sc.max_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})"
         )
+    token_ids = []
+    if sc.method == "lora":
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation, and dropout, repeat
+        apply_lora(model, sc.lora)
+        if sc.lora.train_chat_tokens:
+            markers = (tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id)
+            token_ids = sorted({t for t in (*markers, tokenizer.end_id) if t is not None})
+            train_token_rows(model, token_ids)
+    trainable, total = count_trainable(model)
 
     # data: every 1/val_fraction-th conversation is validation
     data_path = find_input(run_dir, sc.data, "sft.data", ["world/sft_train.jsonl"])
@@ -91,15 +170,38 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     every = round(1 / sc.val_fraction) if sc.val_fraction else 0
     train = [e for i, e in enumerate(encoded.examples) if not every or i % every != every - 1]
     val = [e for i, e in enumerate(encoded.examples) if every and i % every == every - 1]
+    n_train, n_val = len(train), len(val)
+    if sc.packing:
+        train, val = pack(train, sc.max_len), pack(val, sc.max_len)
     global_batch = sc.micro_batch_size * sc.grad_accum_steps * d.world_size
     train_data = SFTBatches(train, global_batch, cfg.seed, tokenizer.pad_id)
     val_data = SFTBatches(val, global_batch, cfg.seed, tokenizer.pad_id) if val else None
     max_steps = sc.max_steps or sc.epochs * train_data.steps_per_epoch
+
+    # pretraining text: replay rows for training, held-out windows for the forgetting figures
+    shards = pretraining_shards(cfg, run_dir, out, tokenizer, d)
+    replay_fraction = sc.replay_fraction if shards is not None else 0.0
+    if d.is_main and replay_fraction != sc.replay_fraction:
+        console.print("sft: no pretraining corpus in this run (set sft.replay_corpus): no replay")
+    replay_rows = 0
+    if replay_fraction > 0:
+        replay_rows = max(1, round(sc.micro_batch_size * replay_fraction / (1 - replay_fraction)))
+        # windows of max_len tokens, cut to each batch's width: replay adds rows, not padding
+        replay = TokenBatches(
+            load_shard(shards / "train.npy"),
+            sc.max_len,
+            replay_rows * sc.grad_accum_steps * d.world_size,
+            cfg.seed,
+        )
     if d.is_main:
-        for where in encoded.dropped:
+        for where in encoded.dropped[:20]:
             console.print(f"sft: dropped {where}: its first reply does not fit in {sc.max_len}")
+        if len(encoded.dropped) > 20:
+            console.print(
+                f"sft: ... and {len(encoded.dropped) - 20} more (all in the summary count)"
+            )
         console.print(
-            f"sft: {len(train)} train / {len(val)} val conversations from {data_path}; "
+            f"sft: {n_train} train / {n_val} val conversations from {data_path}; "
             f"{len(encoded.dropped)} dropped and {len(encoded.shortened)} shortened to whole "
             f"turns (max_len {sc.max_len})"
         )
@@ -114,14 +216,34 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         max_new_tokens=sc.eval_max_new_tokens,
         batch_size=sc.eval_batch_size,
     )
+    lm_eval = None
+    if shards is not None:
+        lm_windows = TokenBatches(
+            load_shard(shards / "val.npy"),
+            min(cfg.pretrain.seq_len, model.cfg.max_seq_len),
+            sc.micro_batch_size,
+            cfg.seed,
+        )
+        # a few dozen windows: every rank scores all of them on its own (no collective), so
+        # the figure is the same for any number of processes
+        lm_eval = partial(
+            lm_loss,
+            batches=lm_windows,
+            n_batches=max(1, lm_windows.n_windows // sc.micro_batch_size),
+            micro=sc.micro_batch_size,
+            d=replace(d, rank=0, world_size=1),
+            amp=amp,
+        )
     # the base model's figures, once (kept across --resume)
     base_path = out / "base_eval.json"
     if d.is_main and not resume:
         base_path.unlink(missing_ok=True)
-    if d.is_main and sc.eval_base and not base_path.exists():
-        base = {f"base_{k}": v for k, v in eval_chat(model).items()}
+    if d.is_main and not base_path.exists():
+        base = {"lm_loss_before": round(lm_eval(model), 6)} if lm_eval else {}
+        if sc.eval_base:
+            base.update({f"base_{k}": v for k, v in eval_chat(model).items()})
         write_json_atomic(base_path, base)
-        console.print(f"sft: base model in chat format: {json.dumps(base)}")
+        console.print(f"sft: base model: {json.dumps(base)}")
 
     optimizer = build_optimizer(model, sc.lr, sc.weight_decay, (sc.beta1, sc.beta2))
     ckpt_dir = out / "checkpoints"
@@ -138,8 +260,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     train_model = DDP(model) if d.world_size > 1 else model
     if d.is_main:
         console.print(
-            f"sft: {model.num_params():,} parameters ({sc.init}), {max_steps} steps x "
-            f"{global_batch} conversations on {d.device} x {d.world_size}"
+            f"sft: {sc.method} fine-tuning of {trainable:,} of {total:,} parameters ({sc.init}), "
+            f"{max_steps} steps x {global_batch} conversations"
+            + (f" + {replay_rows} replay rows per micro-batch" if replay_rows else "")
+            + f" on {d.device} x {d.world_size}"
         )
 
     peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
@@ -155,16 +279,25 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 train_data.micro_batch(step, m, sc.micro_batch_size, d.rank, d.world_size)
                 for m in range(sc.grad_accum_steps)
             ]
-            # weigh micro-batches by their loss tokens: the step's loss is a token mean
-            counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
-            step_tokens = max(sum(counts), 1)
+            if replay_rows:
+                micro_batches = [
+                    _with_replay(
+                        batch, replay.micro_batch(step, m, replay_rows, d.rank, d.world_size)
+                    )
+                    for m, batch in enumerate(micro_batches)
+                ]
+            # the step's loss is the mean over all its loss tokens, on every rank together:
+            # DDP averages the ranks' gradients, so each rank scales by world_size / total
+            counts = [int((y != IGNORE_INDEX).sum()) for _, y, _ in micro_batches]
+            scale = d.world_size / max(all_reduce_sum(sum(counts), d), 1)
             loss_sum = 0.0
-            for m, ((x, y), n) in enumerate(zip(micro_batches, counts)):
+            for m, ((x, y, segments), n) in enumerate(zip(micro_batches, counts)):
                 x, y = x.to(d.device), y.to(d.device)
                 last = m == sc.grad_accum_steps - 1
                 sync = train_model.no_sync() if d.world_size > 1 and not last else nullcontext()
                 with sync, amp():
-                    loss = masked_cross_entropy(train_model(x), y) * (n / step_tokens)
+                    logits = _forward(train_model, x, segments)
+                    loss = masked_cross_entropy(logits, y) * (n * scale)
                     loss.backward()
                 loss_sum += loss.item()
                 window_tokens += x.numel()
@@ -202,16 +335,26 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         dist.barrier()
     if not d.is_main:
         return {}
+    lm_loss_after = round(lm_eval(model), 6) if lm_eval else None
+    if sc.method == "lora":
+        save_adapter(out / "adapter", model, sc.lora, str(base_dir), token_ids)
+        merge_lora(model)
     records, val_loss = finish_training(out, model, tokenizer, log, "supervised fine-tuning")
     summary = {
         "val_loss": val_loss,
         "train_loss": round(loss_value, 6),
         "first_loss": records[0]["loss"] if records else None,
         "init": sc.init,
+        "method": sc.method,
+        "trainable_parameters": trainable,
+        "trainable_fraction": round(trainable / total, 6),
+        "replay_fraction": replay_fraction,
+        "lm_loss_after": lm_loss_after,
         "base_model": str(base_dir),
         "steps": max_steps,
-        "examples": len(train),
-        "val_examples": len(val),
+        "examples": n_train,
+        "packed_rows": len(train) if sc.packing else None,
+        "val_examples": n_val,
         "dropped_too_long": len(encoded.dropped),
         "dropped_too_long_where": encoded.dropped[:20],  # file:line, the first 20
         "shortened_to_whole_turns": len(encoded.shortened),
