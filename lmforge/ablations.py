@@ -81,6 +81,8 @@ def run_ablation(
     """Run every variant of ablation `name` in run_dir; returns label -> summary."""
     ablation = ABLATIONS[name]
     run_dir = Path(run_dir)
+    if config is None and (run_dir / "config.toml").exists():
+        config = run_dir / "config.toml"  # the run's own settings, not the built-in defaults
     results = {}
     for label, variant in ablation.variants.items():
         cfg: RunConfig = load_config(config, [*(overrides or []), *variant])

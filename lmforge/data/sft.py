@@ -29,7 +29,7 @@ import torch
 
 from lmforge.data.readers import DataError, read_records
 from lmforge.losses import IGNORE_INDEX
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, TokenizerError
 
 ROLES = ("system", "user", "assistant")
 
@@ -150,7 +150,10 @@ def encode(
     """Render every conversation to ids and loss mask, fitted to max_len tokens."""
     out = Encoded([], [], [])
     for where, messages in conversations:
-        ids, mask = tokenizer.render_chat(messages)
+        try:
+            ids, mask = tokenizer.render_chat(messages)
+        except TokenizerError as e:  # e.g. a model's own template that cannot render it
+            raise DataError(f"{where}: {e}") from None
         n = fit(ids, mask, tokenizer.end_id, max_len)
         if n == 0:
             out.dropped.append(where)

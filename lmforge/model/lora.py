@@ -145,6 +145,8 @@ def train_token_rows(model: nn.Module, token_ids: list[int]) -> None:
     is 0/eps for a gradient that was always 0; these matrices get no weight decay), and
     `count_trainable` counts the chosen rows only."""
     for weight in _token_matrices(model).values():
+        if hasattr(weight, "row_hook"):
+            raise ValueError("train_token_rows: rows already chosen (merge_lora first)")
         keep = torch.zeros(weight.size(0), 1, dtype=weight.dtype, device=weight.device)
         keep[token_ids] = 1.0
         weight.requires_grad_(True)

@@ -73,6 +73,8 @@ from lmforge.train_utils import (
     setup_device,
 )
 
+LM_EVAL_WINDOWS = 512  # held-out pretraining windows scored before and after (bounds its cost)
+
 
 def evaluate_loss(model, batches: SFTBatches, micro: int, d: Dist, amp) -> float:
     """Masked loss over every validation example, split over ranks: the mean over all loss
@@ -148,6 +150,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
         base_dir = base_dir.parent
     model, tokenizer = load_model_dir(base_dir, d.device)
     if sc.init == "random":
+        if sc.method == "lora":  # the adapter would record a base it was never trained on
+            raise ConfigError("sft.method=lora needs sft.init=pretrained (adapters adapt a base)")
         torch.manual_seed(cfg.seed)
         model = Transformer(model.cfg).to(d.device)
     if sc.max_len > model.cfg.max_seq_len:
@@ -224,12 +228,12 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
             sc.micro_batch_size,
             cfg.seed,
         )
-        # a few dozen windows: every rank scores all of them on its own (no collective), so
-        # the figure is the same for any number of processes
+        # at most LM_EVAL_WINDOWS windows, each rank scoring all of them on its own (no
+        # collective), so the figure is the same for any number of processes
         lm_eval = partial(
             lm_loss,
             batches=lm_windows,
-            n_batches=max(1, lm_windows.n_windows // sc.micro_batch_size),
+            n_batches=max(1, min(lm_windows.n_windows, LM_EVAL_WINDOWS) // sc.micro_batch_size),
             micro=sc.micro_batch_size,
             d=replace(d, rank=0, world_size=1),
             amp=amp,
@@ -245,12 +249,21 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
         write_json_atomic(base_path, base)
         console.print(f"sft: base model: {json.dumps(base)}")
 
+    # before resuming: the measurement draws random numbers, and a resumed run must draw
+    # (LoRA dropout) from exactly the RNG state its checkpoint restored
+    peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
     optimizer = build_optimizer(model, sc.lr, sc.weight_decay, (sc.beta1, sc.beta2))
     ckpt_dir = out / "checkpoints"
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main)
     start_step = 0
     if resume:
-        expect = {"global_batch": global_batch, "examples": len(train)}
+        expect = {
+            "global_batch": global_batch,
+            "examples": len(train),
+            "replay_rows": replay_rows,
+            "max_len": sc.max_len,
+            "method": sc.method,
+        }
         start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "sft")
     elif d.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -261,12 +274,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
     if d.is_main:
         console.print(
             f"sft: {sc.method} fine-tuning of {trainable:,} of {total:,} parameters ({sc.init}), "
-            f"{max_steps} steps x {global_batch} conversations"
+            f"{max_steps} steps x {global_batch} {'packed rows' if sc.packing else 'conversations'}"
             + (f" + {replay_rows} replay rows per micro-batch" if replay_rows else "")
             + f" on {d.device} x {d.world_size}"
         )
 
-    peak = measure_matmul_flops(d.device, amp_dtype or torch.float32)
     model.train()
     loss_value = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
@@ -319,7 +331,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
                 window_start, window_tokens = time.perf_counter(), 0
             if val_data and (done % sc.eval_every == 0 or done == max_steps):
                 record["val_loss"] = round(
-                    evaluate_loss(train_model, val_data, sc.micro_batch_size, d, amp), 6
+                    evaluate_loss(model, val_data, sc.micro_batch_size, d, amp), 6
                 )
                 if d.is_main:
                     console.print(
@@ -328,7 +340,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
             log.write(**record)
             progress.update(done)
             if (done % sc.checkpoint_every == 0 or done == max_steps) and d.is_main:
-                state = {"global_batch": global_batch, "examples": len(train), "loss": loss_value}
+                state = {
+                    "global_batch": global_batch,
+                    "examples": len(train),  # packed rows when packing: packing changes it
+                    "replay_rows": replay_rows,
+                    "max_len": sc.max_len,
+                    "method": sc.method,
+                    "loss": loss_value,
+                }
                 save_checkpoint(ckpt_dir, done, model, optimizer, state, sc.keep_last)
 
     if d.world_size > 1:
@@ -348,7 +367,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
         "method": sc.method,
         "trainable_parameters": trainable,
         "trainable_fraction": round(trainable / total, 6),
-        "replay_fraction": replay_fraction,
+        "replay_fraction": round(replay_rows / (sc.micro_batch_size + replay_rows), 4),
         "lm_loss_after": lm_loss_after,
         "base_model": str(base_dir),
         "steps": max_steps,
