@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,23 @@ def test_lora_from_random_weights_is_refused_before_any_work(tiny_run, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "sft.method=lora needs sft.init=pretrained" in proc.stderr
     assert not (out / "sft" / "metrics.jsonl").exists()
+
+
+def test_resume_continues_exactly_with_lora_packing_and_replay(tiny_run, tmp_path):
+    args = [
+        "--config", TINY, "sft.max_steps=6", "sft.checkpoint_every=3", "sft.eval_base=false",
+        "sft.method=lora", "sft.lora.dropout=0.2", "sft.replay_fraction=0.33",
+    ]  # fmt: skip
+    out = sibling_run(tiny_run, tmp_path / "run")
+    assert lmforge("sft", *args, "--out", out).returncode == 0
+    whole = losses(out / "sft")
+    # as if killed after the checkpoint of step 3: that checkpoint is the newest
+    shutil.rmtree(out / "sft" / "checkpoints" / "step_00000006")
+    proc = lmforge("sft", *args, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stderr and "step 3" in proc.stderr
+    assert losses(out / "sft") == pytest.approx(whole, abs=1e-6)
+    # a setting that changes the data is refused rather than resumed on other data
+    shutil.rmtree(out / "sft" / "checkpoints" / "step_00000006")
+    proc = lmforge("sft", *args, "--out", out, "--resume", "sft.replay_fraction=0")
+    assert proc.returncode == 2 and "replay_rows" in proc.stderr
