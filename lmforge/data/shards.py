@@ -52,10 +52,25 @@ def shards_ready(data_dir: Path, key: dict) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("key") == key
 
 
-def find_shards(key: dict, candidates: list[Path]) -> Path | None:
-    """The first of `candidates` holding complete shards made from exactly `key`, if any:
-    an earlier stage (clean with a tokenizer, pretrain) may already have tokenized the corpus."""
-    return next((d for d in candidates if shards_ready(d, key)), None)
+def shards_for(
+    corpus: Path,
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    reuse: list[Path],
+    own: Path,
+    prepare: bool = True,
+) -> Path:
+    """The directory of this corpus's token shards for this tokenizer and split: the first of
+    `reuse` that holds exactly them (an earlier stage tokenized the corpus already), else
+    `own`, tokenized there when `prepare` is set. Under DDP only the main rank prepares; the
+    others wait at a barrier, then map the same files."""
+    key = shard_key(corpus, tokenizer, val_fraction)
+    found = next((d for d in reuse if shards_ready(d, key)), None)
+    if found is not None:
+        return found
+    if prepare:
+        prepare_shards(corpus, tokenizer, own, val_fraction)
+    return own
 
 
 def prepare_shards(corpus: Path, tokenizer: Tokenizer, data_dir: Path, val_fraction: float) -> dict:

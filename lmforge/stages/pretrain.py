@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.readers import read_records
-from lmforge.data.shards import TokenBatches, find_shards, load_shard, prepare_shards, shard_key
+from lmforge.data.shards import TokenBatches, load_shard, shards_for
 from lmforge.eval.facts import fact_accuracy
 from lmforge.eval.lm import lm_loss
 from lmforge.eval.samples import unwanted_phrase_rate
@@ -79,12 +79,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     # data: token shards the clean stage made for this corpus and tokenizer, else rank 0
     # tokenizes into pretrain/data while the others wait, then all map the same files
-    key = shard_key(corpus, tokenizer, pc.val_fraction)
-    data_dir = find_shards(key, [run_dir / "clean" / "tokens"])
-    if data_dir is None:
-        data_dir = out / "data"
-        if d.is_main:
-            prepare_shards(corpus, tokenizer, data_dir, pc.val_fraction)
+    data_dir = shards_for(
+        corpus, tokenizer, pc.val_fraction, [run_dir / "clean" / "tokens"], out / "data", d.is_main
+    )
     if d.world_size > 1:
         dist.barrier()
     meta = json.loads((data_dir / "meta.json").read_text())

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.sft import SFTBatches, encode, pack, read_conversations, segment_attention
-from lmforge.data.shards import TokenBatches, find_shards, load_shard, prepare_shards, shard_key
+from lmforge.data.shards import TokenBatches, load_shard, shards_for
 from lmforge.eval.chat import chat_eval
 from lmforge.eval.lm import lm_loss
 from lmforge.io import load_model_dir, write_json_atomic
@@ -108,12 +108,9 @@ def pretraining_shards(
             return None
         corpus = found[0]
     # the pretraining split, so that the validation windows are text the base never trained on
-    key = shard_key(corpus, tokenizer, cfg.pretrain.val_fraction)
-    data_dir = find_shards(key, [run_dir / "clean" / "tokens", run_dir / "pretrain" / "data"])
-    if data_dir is None:
-        data_dir = out / "data"
-        if d.is_main:
-            prepare_shards(corpus, tokenizer, data_dir, cfg.pretrain.val_fraction)
+    reuse = [run_dir / "clean" / "tokens", run_dir / "pretrain" / "data"]
+    val_fraction = cfg.pretrain.val_fraction
+    data_dir = shards_for(corpus, tokenizer, val_fraction, reuse, out / "data", d.is_main)
     if d.world_size > 1:
         dist.barrier()
     return data_dir
