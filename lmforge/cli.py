@@ -54,7 +54,8 @@ def run(
     ),
     overrides: list[str] = OVERRIDES,
 ) -> None:
-    """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain, sft)."""
+    """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain, sft, rm,
+    dpo)."""
     from lmforge.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
@@ -121,6 +122,30 @@ def sft(
     _training_stage("sft", config, out, resume, overrides)
 
 
+@app.command()
+def rm(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
+    """Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N)."""
+    from lmforge.stages import rm as stage
+
+    _print_summary("rm", stage.run(_config(config, overrides), out))
+
+
+@app.command()
+def dpo(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
+    """DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/."""
+    from lmforge.stages import dpo as stage
+
+    _print_summary("dpo", stage.run(_config(config, overrides), out))
+
+
+@app.command()
+def kto(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
+    """KTO on unpaired good/bad labels into OUT/kto/."""
+    from lmforge.stages import kto as stage
+
+    _print_summary("kto", stage.run(_config(config, overrides), out))
+
+
 MODEL = typer.Option(..., "--model", "-m", help="model directory (e.g. runs/default/pretrain)")
 
 
@@ -133,16 +158,51 @@ def generate(
     top_k: int = typer.Option(0, min=0),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
+    best_of: int = typer.Option(
+        1, "--best-of", min=1, help="sample N replies and keep the reward model's favourite"
+    ),
+    reward_model: Path = typer.Option(
+        None, "--reward-model", help="reward model directory (lmforge rm: OUT/rm/model)"
+    ),
 ) -> None:
-    """Complete prompts with a base (or any) model."""
+    """Complete prompts with a base (or any) model; with --reward-model, answer them as chat
+    turns and print the best of --best-of samples by reward."""
     from lmforge.generate import generate as sample
     from lmforge.io import load_model_dir
 
     net, tok = load_model_dir(model)
-    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    outs = sample(net, ids, max_tokens, temperature, top_k, top_p, [tok.eos_id], tok.pad_id, seed)
-    for prompt, new in zip(prompts, outs):
-        typer.echo(prompt + tok.decode(new))
+    if reward_model is None:
+        if best_of > 1:
+            raise typer.BadParameter("--best-of needs --reward-model to choose with")
+        ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+        outs = sample(
+            net, ids, max_tokens, temperature, top_k, top_p, [tok.eos_id], tok.pad_id, seed
+        )
+        for prompt, new in zip(prompts, outs):
+            typer.echo(prompt + tok.decode(new))
+        return
+    from lmforge.model.reward import load_reward_model, score
+
+    scorer, _, stats = load_reward_model(reward_model)
+    for i, prompt in enumerate(prompts):
+        messages = [{"role": "user", "content": prompt}]
+        ids = tok.render_chat(messages, add_generation_prompt=True)[0]
+        outs = sample(
+            net,
+            [ids] * best_of,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            [tok.end_id],
+            tok.pad_id,
+            seed + i,
+        )
+        texts = [tok.decode(o) for o in outs]
+        rewards = score(scorer, tok, [(messages, t) for t in texts], net.cfg.max_seq_len)
+        best = max(range(best_of), key=lambda j: rewards[j])
+        z = (rewards[best] - stats["reward_mean"]) / max(stats["reward_std"], 1e-6)
+        typer.echo(f"{texts[best]}\n[reward {rewards[best]:.3f} ({z:+.2f} sd), best of {best_of}]")
 
 
 @app.command()

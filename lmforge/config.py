@@ -56,6 +56,13 @@ class WorldConfig(Section):
     # (this many harmful and as many benign look-alikes)
     n_sft_eval_seen: int = Field(60, ge=0, le=100_000)
     n_sft_eval_safety: int = Field(50, ge=0, le=100)
+    # comparison data per language: prompts with K responses each, ranked by simulated
+    # annotators who agree with each other on this share of pairs; every
+    # 1/pref_eval_fraction-th prompt is held out (with a second annotator's ranking)
+    n_pref_prompts: int = Field(600, ge=0, le=1_000_000)
+    n_pref_responses: int = Field(4, ge=2, le=4)
+    pref_eval_fraction: float = Field(0.2, ge=0.0, le=0.5)
+    pref_annotator_agreement: float = Field(0.73, gt=0.5, lt=1.0)
 
 
 class TokenizerConfig(Section):
@@ -269,15 +276,89 @@ class SFTConfig(Section):
     num_threads: int = Field(0, ge=0, le=4096)  # 0: torch's default
 
 
+class RMConfig(Section):
+    """A reward model (scalar head on a chat model) trained on comparisons."""
+
+    data: str | None = None  # pairs or rankings; default: this run's world pref_train.jsonl
+    model: str | None = None  # default: this run's SFT model, else its pretrained one
+    skip_bad: bool = False  # count and report malformed records instead of failing
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # held out of outside data (not the world's)
+    max_len: int = Field(256, ge=8, le=1_048_576)  # tokens per (prompt, response), prompt cut first
+    batch_size: int = Field(16, ge=1, le=65_536)  # prompts per step, all their pairs
+    epochs: int = Field(1, ge=1, le=100_000)
+    max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    center_coef: float = Field(0.0, ge=0.0, le=10.0)  # reward centring, Eisenstein et al. 2023
+    # replies of the run's SFT model per world training prompt, ranked by the world's simulated
+    # annotators and trained on with the written comparisons (0: the written ones only)
+    policy_samples: int = Field(4, ge=0, le=64)
+    best_of_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts of the best-of-N curve
+    max_new_tokens: int = Field(64, ge=1, le=1_048_576)  # per best-of-N sample
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, le=4096)
+
+
+class PolicyTraining(Section):
+    """What preference optimisation of a policy shares: data, model, optimiser, evaluation."""
+
+    data: str | None = None  # default: this run's world pref_train.jsonl
+    model: str | None = None  # policy start and frozen reference; default: this run's SFT model
+    skip_bad: bool = False  # count and report malformed records instead of failing
+    max_len: int = Field(256, ge=8, le=1_048_576)  # tokens per (prompt, reply), prompt cut first
+    batch_size: int = Field(16, ge=1, le=65_536)
+    epochs: int = Field(1, ge=1, le=100_000)
+    max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
+    # far below SFT's: at 1e-4 DPO drifted 5.7 nats from the SFT model and lost to it
+    lr: float = Field(2e-5, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    beta: float = Field(0.1, gt=0.0, le=100.0)  # strength of the KL leash (DPO, IPO, KTO)
+    max_new_tokens: int = Field(64, ge=1, le=1_048_576)  # per reply in the evaluation
+    kl_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts sampled for kl_to_ref
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, le=4096)
+
+
+class DPOConfig(PolicyTraining):
+    """DPO and its family on preference pairs (`lmforge.losses`)."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    # of a ranking: its best reply against its worst, or every pair (6x the steps for K=4)
+    pairs: Literal["all", "best_worst"] = "best_worst"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO
+    simpo_beta: float = Field(2.0, gt=0.0, le=100.0)
+    simpo_gamma: float = Field(0.5, ge=0.0, le=100.0)
+    orpo_lambda: float = Field(0.1, ge=0.0, le=100.0)
+
+
+class KTOConfig(PolicyTraining):
+    """KTO on unpaired good/bad labels (pairs and rankings are converted)."""
+
+    w_desirable: float = Field(1.0, gt=0.0, le=100.0)
+    w_undesirable: float = Field(1.0, gt=0.0, le=100.0)
+
+
 class RunConfig(Section):
     """The whole pipeline: which stages run, and one section per stage."""
 
-    stages: list[Literal["world", "clean", "tokenizer", "pretrain", "sft"]] = [
+    stages: list[Literal["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo", "kto"]] = [
         "world",
         "clean",
         "tokenizer",
         "pretrain",
         "sft",
+        "rm",
+        "dpo",
     ]
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
@@ -286,6 +367,9 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    dpo: DPOConfig = DPOConfig()
+    kto: KTOConfig = KTOConfig()
 
 
 def _describe_limits(model: type[BaseModel], loc: tuple) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import RunConfig, to_toml
-from lmforge.stages import clean, pretrain, sft, tokenizer, world
+from lmforge.stages import clean, dpo, kto, pretrain, rm, sft, tokenizer, world
 from lmforge.train_utils import console
 
 STAGES: dict[str, Callable[..., dict]] = {
@@ -15,6 +15,9 @@ STAGES: dict[str, Callable[..., dict]] = {
     "tokenizer": tokenizer.run,
     "pretrain": pretrain.run,
     "sft": sft.run,
+    "rm": rm.run,
+    "dpo": dpo.run,
+    "kto": kto.run,
 }
 
 

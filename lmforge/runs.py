@@ -47,6 +47,13 @@ def find_input(run_dir: Path, explicit: str | None, key: str, candidates: list[s
     raise ConfigError(f"{key} is not set and no earlier stage wrote it (looked for {looked})")
 
 
+def find_model_dir(run_dir: Path, explicit: str | None, key: str, stages: list[str]) -> Path:
+    """The model directory set by config key `key`, else that of the first of the run's
+    `stages` that wrote one (its model.safetensors)."""
+    found = find_input(run_dir, explicit, key, [f"{s}/model.safetensors" for s in stages])
+    return found.parent if found.is_file() else found
+
+
 class Timer:
     def __init__(self) -> None:
         self.start = time.perf_counter()

@@ -8,8 +8,10 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,64 @@ def build_optimizer(
     ]
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into n items: every epoch a fresh permutation, and a
+    batch that crosses an epoch's end is filled from the next one."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += rng.sample(range(n), n)
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def planned_steps(section: Any, n_items: int) -> int:
+    """`section.max_steps`, else `section.epochs` passes over n_items in batches."""
+    return section.max_steps or section.epochs * math.ceil(n_items / section.batch_size)
+
+
+def train_on_batches(
+    model: torch.nn.Module,
+    section: Any,
+    n_items: int,
+    seed: int,
+    name: str,
+    log_path: Path,
+    step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any], int]],
+) -> float:
+    """The loop the preference stages share: AdamW (`build_optimizer`) with warmup and cosine
+    decay, `section.batch_size` item indices a step (`shuffled_batches`), gradient clipping,
+    metrics.jsonl at `log_path` and a progress bar. `step(indices)` returns the loss to
+    minimise, metrics to log beside it, and how many tokens it computed. Returns the last
+    loss. `section` has the optimiser fields of `config.PolicyTraining`."""
+    max_steps = planned_steps(section, n_items)
+    optimizer = build_optimizer(
+        model, section.lr, section.weight_decay, (section.beta1, section.beta2)
+    )
+    log_path.unlink(missing_ok=True)
+    log = MetricsLog(log_path)
+    start, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    model.train()
+    with TrainingProgress(max_steps, name) as progress:
+        batches = shuffled_batches(n_items, section.batch_size, seed)
+        for done, indices in enumerate(batches, start=1):
+            if done > max_steps:
+                break
+            lr = lr_at(done - 1, max_steps, section.lr, section.warmup_steps, section.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, metrics, n_tokens = step(indices)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value, tokens = loss.item(), tokens + n_tokens
+            log.write(step=done, loss=round(loss_value, 6), **metrics, lr=lr)
+            progress.update(done, loss=loss_value, tok_s=tokens / (time.perf_counter() - start))
+    return loss_value
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -330,9 +390,10 @@ class TrainingProgress:
         if self.plain and (completed % self.every == 0 or completed == self.total):
             elapsed = time.perf_counter() - self.start
             f = self.fields
+            mfu = f"  MFU {f['mfu']:.1%}" if f["mfu"] else ""  # stages that measure it
             console.print(
                 f"{self.description} {completed}/{self.total}  loss {f['loss']:.4f}  "
-                f"{f['tok_s']:,.0f} tok/s  MFU {f['mfu']:.1%}  elapsed {elapsed:.0f}s",
+                f"{f['tok_s']:,.0f} tok/s{mfu}  elapsed {elapsed:.0f}s",
                 highlight=False,
             )
 

@@ -56,8 +56,9 @@ def losses(run: Path) -> list[float]:
 def test_tiny_pipeline_writes_every_record(tmp_path):
     out = tmp_path / "run"
     proc = lmforge("run", "--config", str(TINY), "--out", str(out))
-    assert load_config(TINY).stages == ["world", "clean", "tokenizer", "pretrain", "sft"]
-    for stage in ("world", "clean", "tokenizer", "pretrain", "sft"):
+    stages = ["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo"]
+    assert load_config(TINY).stages == stages
+    for stage in stages:
         assert (out / stage / "summary.json").exists(), stage
         assert (out / stage / "config.toml").exists(), stage
         assert "seconds" in json.loads((out / stage / "summary.json").read_text())

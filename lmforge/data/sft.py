@@ -81,19 +81,23 @@ def unwrap_alpaca(prompt: str, where: str) -> str:
     return alpaca_prompt(match["instruction_with_input"], match["input"])
 
 
+def checked_messages(messages, where: str) -> list[dict]:
+    """`messages` if it is a non-empty list of {role in ROLES, content: str}, else a
+    DataError naming `where`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for n, m in enumerate(messages):
+        if not (
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{where}: message {n} needs role in {list(ROLES)} and string content")
+    return messages
+
+
 def to_messages(record: dict, where: str) -> list[dict]:
     """One SFT record in any supported format as a message list (checked)."""
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for n, m in enumerate(messages):
-            if not (
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            ):
-                raise DataError(
-                    f"{where}: message {n} needs role in {list(ROLES)} and string content"
-                )
+        messages = checked_messages(record["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message, so nothing to learn")
         return [{"role": m["role"], "content": m["content"]} for m in messages]

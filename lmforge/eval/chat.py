@@ -14,14 +14,13 @@ tokens has not learned the turn format. Figures (fractions in [0, 1]):
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from lmforge.data.readers import read_records
 from lmforge.generate import generate
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.world.scoring import answer_correct, is_refusal
+from lmforge.world.scoring import answer_correct, is_refusal, parse_answer
 
 EVAL_FILES = {
     "facts": "sft_eval_facts.jsonl",
@@ -36,13 +35,6 @@ FIGURES = (
     "refusal_rate",
     "over_refusal_rate",
 )
-ANSWER_LINE = re.compile(r"(?:Answer|答案)\s*[:：]\s*(-?\d+)")
-
-
-def parse_answer(text: str) -> int | None:
-    """The number on the last answer line of a worked solution, if any."""
-    found = ANSWER_LINE.findall(text)
-    return int(found[-1]) if found else None
 
 
 def reply(

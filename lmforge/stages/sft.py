@@ -53,7 +53,14 @@ from lmforge.model.lora import (
     save_adapter,
     train_token_rows,
 )
-from lmforge.runs import CORPUS_CANDIDATES, Timer, find_input, stage_dir, write_summary
+from lmforge.runs import (
+    CORPUS_CANDIDATES,
+    Timer,
+    find_input,
+    find_model_dir,
+    stage_dir,
+    write_summary,
+)
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
@@ -142,9 +149,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
     d = setup_device(sc.device, sc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg) if d.is_main else run_dir / stage
-    base_dir = find_input(run_dir, sc.model, "sft.model", ["pretrain/model.safetensors"])
-    if base_dir.is_file():
-        base_dir = base_dir.parent
+    base_dir = find_model_dir(run_dir, sc.model, "sft.model", ["pretrain"])
     model, tokenizer = load_model_dir(base_dir, d.device)
     if sc.init == "random":
         if sc.method == "lora":  # the adapter would record a base it was never trained on

@@ -2,10 +2,10 @@
 
 `STAGE_FILES` is the registry of what the world stage writes. Each entry maps a file name to
 a generator `(world, cfg) -> list[dict]`; `write_world` writes every registered file. Today it
-holds the pretraining corpus, the held-out text, the evaluation sets, and the SFT
-conversations with their evaluation sets (`sft.py`). The generators of later stages (K=4
-ranked responses for preference learning, RL prompts with verifiable answers) register here
-too, and are then written by the same call, atomically, with their counts in the summary.
+holds the pretraining corpus, the held-out text, the evaluation sets, the SFT conversations
+with their evaluation sets (`sft.py`), and the ranked comparison data (`preferences.py`).
+The generators of later stages (RL prompts with verifiable answers) register here too, and
+are then written by the same call, atomically, with their counts in the summary.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .arithmetic import eval_arithmetic
 from .corpus import heldout_documents, pretraining_documents
 from .entities import World, build_world
 from .noise import AD_PHRASES, NOISE_KINDS
+from .preferences import pair_agreement, pref_eval, pref_train
 from .probes import fact_probes
 from .sft import sft_conversations, sft_eval_arithmetic, sft_eval_facts, sft_eval_safety
 from .templates import capital_sentence
@@ -42,6 +43,8 @@ STAGE_FILES: dict[str, Generator] = {
     "sft_eval_facts.jsonl": sft_eval_facts,
     "sft_eval_arithmetic.jsonl": sft_eval_arithmetic,
     "sft_eval_safety.jsonl": sft_eval_safety,
+    "pref_train.jsonl": pref_train,
+    "pref_eval.jsonl": pref_eval,
 }
 
 
@@ -94,5 +97,10 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict:
             summary.update(corpus_stats(records, world, list(cfg.languages)))
         else:
             summary[f"n_{name.split('.')[0]}"] = len(records)
+        if name == "pref_eval.jsonl" and records:  # what the annotators' noise came to
+            agreement = pair_agreement(
+                [r["ranking"] for r in records], [r["ranking_b"] for r in records]
+            )
+            summary["pref_annotator_agreement"] = round(agreement, 4)
     summary["n_sft_heldout_countries"] = sum(c.sft_heldout for c in world.countries)
     return summary

@@ -1,0 +1,135 @@
+"""A policy judged by the world's gold scorer: win rate against another policy, and its KL
+divergence from a reference model.
+
+- `gold_replies`: greedy replies to held-out prompts (records with `messages`, `kind`,
+  `lang`, `answer`, as in world/pref_eval.jsonl) and their gold scores;
+- `win_rate`: how often one policy's reply scores higher than another's on the same prompt;
+- `kl_to_reference`: KL(pi || ref) estimated on the policy's own samples,
+  mean over samples of sum_t [log pi(y_t | y_<t) - log ref(y_t | y_<t)] (nats per reply).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from lmforge.data.preferences import collate_completions
+from lmforge.eval.chat import reply
+from lmforge.generate import generate
+from lmforge.losses import IGNORE_INDEX, sequence_logprobs
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.world.scoring import gold_score
+
+
+def spread(records: list, n: int) -> list:
+    """n records evenly spaced through `records` (all of them if n >= len): the world's
+    files list prompts kind by kind and language by language, so a prefix would be one kind."""
+    if n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def gold_replies(
+    model: Transformer, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int
+) -> list[dict]:
+    """Greedy reply and gold score (with its parts) for each record."""
+    replies = reply(model, tokenizer, [r["messages"] for r in records], max_new_tokens)
+    return [
+        {"reply": text} | gold_score(r["kind"], r["lang"], text, r["answer"])
+        for r, (text, _) in zip(records, replies)
+    ]
+
+
+def win_rate(scores: list[float], baseline: list[float]) -> dict[str, float]:
+    """`win_rate`: the share of prompts where `scores` beats `baseline`, ties counting half
+    (AlpacaEval's convention); also the raw wins, losses and ties."""
+    wins = sum(a > b for a, b in zip(scores, baseline))
+    losses = sum(a < b for a, b in zip(scores, baseline))
+    ties = len(scores) - wins - losses
+    return {
+        "win_rate": round((wins + ties / 2) / max(len(scores), 1), 4),
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+    }
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model: Transformer, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64
+) -> list[float]:
+    """Summed log-probability of each row's targets (inputs, targets as `encode_completion`)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        x, y = collate_completions(rows[i : i + batch_size], pad_id)
+        logp, _ = sequence_logprobs(model(x.to(device)), y.to(device))
+        out += logp.tolist()
+    return out
+
+
+def kl_to_reference(
+    policy: Transformer,
+    reference: Transformer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    max_new_tokens: int,
+    seed: int,
+    samples_per_prompt: int = 4,
+) -> float:
+    """KL(policy || reference) in nats per reply, from `samples_per_prompt` samples of the
+    policy (temperature 1) for each record's prompt; a reply that stopped includes its end
+    token, as the policy chose to emit it."""
+    rows: list[tuple[list[int], list[int]]] = []
+    for i, r in enumerate(records):
+        prompt, _ = tokenizer.render_chat(r["messages"], add_generation_prompt=True)
+        budget = min(max_new_tokens, policy.cfg.max_seq_len - len(prompt))
+        samples = generate(
+            policy,
+            [prompt] * samples_per_prompt,
+            budget,
+            temperature=1.0,
+            stop_ids=[tokenizer.end_id],
+            pad_id=tokenizer.pad_id,
+            seed=seed + i,
+        )
+        for s in samples:
+            completion = s + [tokenizer.end_id] if len(s) < budget else s
+            ids = prompt + completion
+            targets = [IGNORE_INDEX] * (len(prompt) - 1) + completion
+            rows.append((ids[:-1], targets))
+    pi = completion_logprobs(policy, rows, tokenizer.pad_id)
+    ref = completion_logprobs(reference, rows, tokenizer.pad_id)
+    return round(statistics.fmean(a - b for a, b in zip(pi, ref)), 4)
+
+
+def compare_to_reference(
+    policy: Transformer,
+    reference: Transformer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    max_new_tokens: int,
+    kl_prompts: int,
+    seed: int,
+) -> dict:
+    """The figures of a policy trained away from `reference` (e.g. DPO from the SFT model):
+    its gold win rate against the reference on `records` (`win_rate_vs_sft` and the counts),
+    both mean gold scores, and `kl_to_ref` on `kl_prompts` of the records (`spread`)."""
+    ours = gold_replies(policy, tokenizer, records, max_new_tokens)
+    theirs = gold_replies(reference, tokenizer, records, max_new_tokens)
+    wins = win_rate([r["score"] for r in ours], [r["score"] for r in theirs])
+    return {
+        "win_rate_vs_sft": wins["win_rate"],
+        "wins": wins["wins"],
+        "losses": wins["losses"],
+        "ties": wins["ties"],
+        "gold_mean": round(statistics.fmean(r["score"] for r in ours), 4),
+        "gold_mean_sft": round(statistics.fmean(r["score"] for r in theirs), 4),
+        "kl_to_ref": kl_to_reference(
+            policy, reference, tokenizer, spread(records, kl_prompts), max_new_tokens, seed
+        ),
+        "eval_prompts": len(records),
+    }
