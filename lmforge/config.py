@@ -285,7 +285,8 @@ class RMConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # held out of outside data (not the world's)
     max_len: int = Field(256, ge=8, le=1_048_576)  # tokens per (prompt, response), prompt cut first
     batch_size: int = Field(16, ge=1, le=65_536)  # prompts per step, all their pairs
-    epochs: int = Field(1, ge=1, le=100_000)
+    # 2: best-of-16 beats best-of-1 by 0.13 gold (1 epoch: by -0.03 to 0.03)
+    epochs: int = Field(2, ge=1, le=100_000)
     max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
