@@ -204,7 +204,20 @@ class LoRAConfig(Section):
     train_chat_tokens: bool = True
 
 
-class PretrainConfig(Section):
+class Optimisation(Section):
+    """AdamW with warmup and cosine decay to min_lr_ratio * lr, and gradient clipping: what
+    every training stage sets (each with its own defaults)."""
+
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+
+
+class PretrainConfig(Optimisation):
     """Next-token prediction on token shards."""
 
     corpus: str | None = None  # default: the cleaned corpus of this run, else the world's
@@ -221,12 +234,8 @@ class PretrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1, le=65_536)
     max_steps: int = Field(450, ge=1, le=100_000_000)
     lr: float = Field(3e-3, gt=0.0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)
     eval_every: int = Field(150, ge=1)
     eval_batches: int = Field(8, ge=1)  # validation size, in global batches
     checkpoint_every: int = Field(150, ge=1)
@@ -237,7 +246,7 @@ class PretrainConfig(Section):
     num_threads: int = Field(0, ge=0, le=4096)  # 0: torch's default
 
 
-class SFTConfig(Section):
+class SFTConfig(Optimisation):
     """Supervised fine-tuning on chat conversations (loss on assistant turns), of all weights
     or of LoRA adapters, optionally replaying pretraining text against forgetting."""
 
@@ -258,13 +267,6 @@ class SFTConfig(Section):
     grad_accum_steps: int = Field(1, ge=1, le=65_536)
     epochs: int = Field(3, ge=1, le=100_000)
     max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)
     eval_every: int = Field(50, ge=1)  # validation loss every this many steps
     checkpoint_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1, le=1000)
@@ -276,7 +278,7 @@ class SFTConfig(Section):
     num_threads: int = Field(0, ge=0, le=4096)  # 0: torch's default
 
 
-class RMConfig(Section):
+class RMConfig(Optimisation):
     """A reward model (scalar head on a chat model) trained on comparisons."""
 
     data: str | None = None  # pairs or rankings; default: this run's world pref_train.jsonl
@@ -289,12 +291,6 @@ class RMConfig(Section):
     epochs: int = Field(2, ge=1, le=100_000)
     max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
     lr: float = Field(3e-4, gt=0.0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)
     center_coef: float = Field(0.0, ge=0.0, le=10.0)  # reward centring, Eisenstein et al. 2023
     # replies of the run's SFT model per world training prompt, ranked by the world's simulated
     # annotators and trained on with the written comparisons (0: the written ones only)
@@ -305,7 +301,7 @@ class RMConfig(Section):
     num_threads: int = Field(0, ge=0, le=4096)
 
 
-class PolicyTraining(Section):
+class PolicyTraining(Optimisation):
     """What preference optimisation of a policy shares: data, model, optimiser, evaluation."""
 
     data: str | None = None  # default: this run's world pref_train.jsonl
@@ -317,12 +313,6 @@ class PolicyTraining(Section):
     max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
     # far below SFT's: at 1e-4 DPO drifted 5.7 nats from the SFT model and lost to it
     lr: float = Field(2e-5, gt=0.0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)
     beta: float = Field(0.1, gt=0.0, le=100.0)  # strength of the KL leash (DPO, IPO, KTO)
     max_new_tokens: int = Field(64, ge=1, le=1_048_576)  # per reply in the evaluation
     kl_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts sampled for kl_to_ref

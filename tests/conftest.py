@@ -16,9 +16,10 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers, trainers
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, WorldConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, build_untrained, train_tokenizer
+from lmforge.world import build_world
 
 _EN_TEXT = (
     "the quick brown fox jumps over a lazy dog while capital city river mountain "
@@ -76,6 +77,12 @@ def losses(stage_dir: Path) -> list[float]:
     """The training losses a stage logged, step by step."""
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The default-config world (entities and facts), built once for every test module."""
+    return build_world(WorldConfig())
 
 
 @pytest.fixture(scope="session")

@@ -30,11 +30,6 @@ SMALL = WorldConfig(n_countries=8, n_people=10, n_arithmetic=40, n_pref_prompts=
 
 
 @pytest.fixture(scope="module")
-def world():
-    return build_world(DEFAULT)
-
-
-@pytest.fixture(scope="module")
 def train(world):
     return pref_train(world, DEFAULT)
 

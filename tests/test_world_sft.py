@@ -32,11 +32,6 @@ KINDS = ("fact", "arithmetic", "refusal", "benign", "multi_turn")
 
 
 @pytest.fixture(scope="module")
-def world():
-    return build_world(DEFAULT)
-
-
-@pytest.fixture(scope="module")
 def convs(world):
     return sft_conversations(world, DEFAULT)
 
