@@ -250,15 +250,16 @@ def _shape(record: dict, where: str) -> str:
 
 
 # ---- pairs ----------------------------------------------------------------------------------
+def ordered_pairs(ranking: list[int]) -> list[tuple[int, int]]:
+    """Every (better, worse) pair of indices of a ranking listed best first."""
+    return [(better, worse) for n, better in enumerate(ranking) for worse in ranking[n + 1 :]]
+
+
 def _ranking_pairs(
     messages: list[dict], responses: list[str], ranking: list[int], where: str
 ) -> list[Pair]:
     """Every ordered pair of a ranking, better-ranked response chosen, unweighted."""
-    return [
-        Pair(messages, responses[better], responses[worse], where)
-        for n, better in enumerate(ranking)
-        for worse in ranking[n + 1 :]
-    ]
+    return [Pair(messages, responses[b], responses[w], where) for b, w in ordered_pairs(ranking)]
 
 
 def _identical(pair: Pair) -> bool:

@@ -71,6 +71,39 @@ def completion_logprobs(
     return out
 
 
+def sample_replies(
+    policy: Transformer,
+    tokenizer: Tokenizer,
+    conversations: list[list[dict]],
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+    prompts_per_call: int = 1,
+) -> list[tuple[list[int], int, list[list[int]]]]:
+    """k replies (temperature 1, stopping at the end token) to each conversation, as
+    (prompt ids, token budget, the k replies' ids). `prompts_per_call` conversations share
+    one batched `generate` call, seeded with seed + the index of its first conversation; the
+    budget is max_new_tokens cut to what the call's longest prompt leaves of the context."""
+    out = []
+    for start in range(0, len(conversations), prompts_per_call):
+        prompts = [
+            tokenizer.render_chat(m, add_generation_prompt=True)[0]
+            for m in conversations[start : start + prompts_per_call]
+        ]
+        budget = min(max_new_tokens, policy.cfg.max_seq_len - max(len(p) for p in prompts))
+        rows = generate(
+            policy,
+            [p for p in prompts for _ in range(k)],
+            budget,
+            temperature=1.0,
+            stop_ids=[tokenizer.end_id],
+            pad_id=tokenizer.pad_id,
+            seed=seed + start,
+        )
+        out += [(p, budget, rows[i * k : (i + 1) * k]) for i, p in enumerate(prompts)]
+    return out
+
+
 def kl_to_reference(
     policy: Transformer,
     reference: Transformer,
@@ -84,18 +117,10 @@ def kl_to_reference(
     policy (temperature 1) for each record's prompt; a reply that stopped includes its end
     token, as the policy chose to emit it."""
     rows: list[tuple[list[int], list[int]]] = []
-    for i, r in enumerate(records):
-        prompt, _ = tokenizer.render_chat(r["messages"], add_generation_prompt=True)
-        budget = min(max_new_tokens, policy.cfg.max_seq_len - len(prompt))
-        samples = generate(
-            policy,
-            [prompt] * samples_per_prompt,
-            budget,
-            temperature=1.0,
-            stop_ids=[tokenizer.end_id],
-            pad_id=tokenizer.pad_id,
-            seed=seed + i,
-        )
+    conversations = [r["messages"] for r in records]
+    for prompt, budget, samples in sample_replies(
+        policy, tokenizer, conversations, samples_per_prompt, max_new_tokens, seed
+    ):
         for s in samples:
             completion = s + [tokenizer.end_id] if len(s) < budget else s
             ids = prompt + completion

@@ -10,7 +10,8 @@ an undesirable one below it (`losses.kto_loss`). z0 estimates KL(pi || ref) on t
 batch with mismatched pairs: each prompt with the next example's reply, which the policy
 was never asked to prefer (`losses.kto_reference_point`). The weights `kto.w_desirable` and
 `kto.w_undesirable` balance the two classes (the paper keeps w_d n_d / (w_u n_u) in
-[1, 4/3]). Figures as for DPO, from `stages.dpo.evaluate_policy`.
+[1, 4/3]). Set-up and figures as for DPO (`stages.dpo.start_policy_stage`,
+`finish_policy_stage`).
 """
 
 from __future__ import annotations

@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.preferences import Pair, data_figures, read_pairs
+from lmforge.data.preferences import Pair, data_figures, ordered_pairs, read_pairs
 from lmforge.data.readers import SkipReport
-from lmforge.eval.gold import spread
-from lmforge.generate import generate
+from lmforge.eval.gold import sample_replies, spread
 from lmforge.io import load_model_dir, write_text_atomic
 from lmforge.losses import bradley_terry_loss
 from lmforge.model.reward import RewardModel, collate_scored, encode_scored, save_reward_model
@@ -99,10 +98,6 @@ def pair_loss(
     return loss, (r_c > r_r).float().mean().item(), ids.numel()
 
 
-def _ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
-    return [(a, b) for i, a in enumerate(ranking) for b in ranking[i + 1 :]]
-
-
 def evaluate_rankings(model: RewardModel, tokenizer, records: list[dict], max_len: int) -> dict:
     """Held-out figures on world rankings (records with `ranking`, `ranking_b`, `answer`)."""
     items = [(r["messages"], resp) for r in records for resp in r["responses"]]
@@ -114,7 +109,7 @@ def evaluate_rankings(model: RewardModel, tokenizer, records: list[dict], max_le
         rs = rewards[k : k + len(r["responses"])]
         k += len(r["responses"])
         gold = [gold_score(r["kind"], r["lang"], t, r["answer"])["score"] for t in r["responses"]]
-        for a, b in _ranking_pairs(r["ranking"]):
+        for a, b in ordered_pairs(r["ranking"]):
             hits += rs[a] > rs[b]
             pairs += 1
             if gold[a] != gold[b]:
@@ -158,17 +153,10 @@ def best_of_n(
     unbiased estimate with less noise than one draw of N."""
     n_max = BEST_OF[-1]
     curve = {n: [] for n in BEST_OF}
-    for i, r in enumerate(records):
-        prompt, _ = tokenizer.render_chat(r["messages"], add_generation_prompt=True)
-        samples = generate(
-            policy,
-            [prompt] * n_max,
-            min(max_new_tokens, policy.cfg.max_seq_len - len(prompt)),
-            temperature=1.0,
-            stop_ids=[tokenizer.end_id],
-            pad_id=tokenizer.pad_id,
-            seed=seed + i,
-        )
+    sampled = sample_replies(
+        policy, tokenizer, [r["messages"] for r in records], n_max, max_new_tokens, seed
+    )
+    for r, (_, _, samples) in zip(records, sampled):
         texts = [tokenizer.decode(s) for s in samples]
         rewards = reward_score(reward, tokenizer, [(r["messages"], t) for t in texts], max_len)
         gold = [gold_score(r["kind"], r["lang"], t, r["answer"])["score"] for t in texts]
@@ -192,26 +180,16 @@ def label_policy_samples(
     on `agreement` of the pairs), as InstructGPT's labelers ranked its SFT model's outputs.
     A reward model that only saw written responses has never seen the ways this policy goes
     wrong, and best-of-N would pick exactly those."""
-    texts: list[str] = []
-    per_call = max(1, 64 // k)  # prompts per batched generate call
-    for i in range(0, len(records), per_call):
-        prompts = [
-            tokenizer.render_chat(r["messages"], add_generation_prompt=True)[0]
-            for r in records[i : i + per_call]
-        ]
-        budget = min(max_new_tokens, policy.cfg.max_seq_len - max(len(p) for p in prompts))
-        rows = [p for p in prompts for _ in range(k)]
-        outs = generate(
-            policy,
-            rows,
-            budget,
-            temperature=1.0,
-            stop_ids=[tokenizer.end_id],
-            pad_id=tokenizer.pad_id,
-            seed=seed + i,
-        )
-        texts += [tokenizer.decode(o) for o in outs]
-    replies = [texts[i * k : (i + 1) * k] for i in range(len(records))]
+    sampled = sample_replies(
+        policy,
+        tokenizer,
+        [r["messages"] for r in records],
+        k,
+        max_new_tokens,
+        seed,
+        prompts_per_call=max(1, 64 // k),  # batches of about 64 rows
+    )
+    replies = [[tokenizer.decode(o) for o in samples] for _, _, samples in sampled]
     golds = [
         [gold_score(r["kind"], r["lang"], t, r["answer"])["score"] for t in rs]
         for r, rs in zip(records, replies)
