@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -64,14 +65,6 @@ def run(
 
 
 @app.command()
-def world(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
-    """Generate the built-in synthetic world into OUT/world/."""
-    from lmforge.stages import world as stage
-
-    _print_summary("world", stage.run(_config(config, overrides), out))
-
-
-@app.command()
 def clean(
     config: Path = CONFIG,
     out: Path = OUT,
@@ -90,14 +83,6 @@ def clean(
     if workers is not None:
         options.append(f"clean.workers={workers}")
     _print_summary("clean", stage.run(_config(config, options), out))
-
-
-@app.command()
-def tokenizer(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
-    """Train the BPE tokenizer into OUT/tokenizer/."""
-    from lmforge.stages import tokenizer as stage
-
-    _print_summary("tokenizer", stage.run(_config(config, overrides), out))
 
 
 @app.command()
@@ -122,28 +107,29 @@ def sft(
     _training_stage("sft", config, out, resume, overrides)
 
 
-@app.command()
-def rm(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
-    """Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N)."""
-    from lmforge.stages import rm as stage
-
-    _print_summary("rm", stage.run(_config(config, overrides), out))
-
-
-@app.command()
-def dpo(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
-    """DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/."""
-    from lmforge.stages import dpo as stage
-
-    _print_summary("dpo", stage.run(_config(config, overrides), out))
+# stages with no options of their own: a config, the run directory and overrides
+STAGE_HELP = {
+    "world": "Generate the built-in synthetic world into OUT/world/.",
+    "tokenizer": "Train the BPE tokenizer into OUT/tokenizer/.",
+    "rm": "Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N).",
+    "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
+    "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
+    "grpo": "GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/.",
+    "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
+}
 
 
-@app.command()
-def kto(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
-    """KTO on unpaired good/bad labels into OUT/kto/."""
-    from lmforge.stages import kto as stage
+def _stage_command(name: str) -> None:
+    def command(config: Path = CONFIG, out: Path = OUT, overrides: list[str] = OVERRIDES) -> None:
+        stage = importlib.import_module(f"lmforge.stages.{name}")
+        _print_summary(name, stage.run(_config(config, overrides), out))
 
-    _print_summary("kto", stage.run(_config(config, overrides), out))
+    command.__doc__ = STAGE_HELP[name]
+    app.command(name=name)(command)
+
+
+for _name in STAGE_HELP:
+    _stage_command(_name)
 
 
 MODEL = typer.Option(..., "--model", "-m", help="model directory (e.g. runs/default/pretrain)")
@@ -171,13 +157,12 @@ def generate(
     from lmforge.io import load_model_dir
 
     net, tok = load_model_dir(model)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad_id=tok.pad_id)
     if reward_model is None:
         if best_of > 1:
             raise typer.BadParameter("--best-of needs --reward-model to choose with")
         ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-        outs = sample(
-            net, ids, max_tokens, temperature, top_k, top_p, [tok.eos_id], tok.pad_id, seed
-        )
+        outs = sample(net, ids, max_tokens, stop_ids=[tok.eos_id], seed=seed, **options)
         for prompt, new in zip(prompts, outs):
             typer.echo(prompt + tok.decode(new))
         return
@@ -188,15 +173,7 @@ def generate(
         messages = [{"role": "user", "content": prompt}]
         ids = tok.render_chat(messages, add_generation_prompt=True)[0]
         outs = sample(
-            net,
-            [ids] * best_of,
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            [tok.end_id],
-            tok.pad_id,
-            seed + i,
+            net, [ids] * best_of, max_tokens, stop_ids=[tok.end_id], seed=seed + i, **options
         )
         texts = [tok.decode(o) for o in outs]
         rewards = score(scorer, tok, [(messages, t) for t in texts], net.cfg.max_seq_len)
@@ -237,12 +214,11 @@ def chat(
             net,
             [ids],
             min(max_tokens, room),
-            temperature,
-            0,
-            top_p,
-            [tok.end_id, tok.eos_id],
-            tok.pad_id,
-            seed + turn,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=[tok.end_id, tok.eos_id],
+            pad_id=tok.pad_id,
+            seed=seed + turn,
         )[0]
         reply = tok.decode(new)
         messages.append({"role": "assistant", "content": reply})
@@ -333,6 +309,22 @@ def ablate(
         raise typer.BadParameter(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
     run_ablation(name, out, config, overrides)
     typer.echo((out / "ablations" / f"{name}.md").read_text(encoding="utf-8"))
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="overoptimization"),
+    config: Path = CONFIG,
+    out: Path = OUT,
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Run an experiment in an existing run (DIR/experiments/NAME/: plots and a report)."""
+    from lmforge import experiments
+
+    if name != "overoptimization":
+        raise typer.BadParameter(f"unknown experiment {name!r}; choose from ['overoptimization']")
+    experiments.overoptimization(_config(config, overrides), out)
+    typer.echo((out / experiments.NAME / "report.md").read_text(encoding="utf-8"))
 
 
 def main() -> None:

@@ -295,7 +295,8 @@ class RMConfig(Optimisation):
     # replies of the run's SFT model per world training prompt, ranked by the world's simulated
     # annotators and trained on with the written comparisons (0: the written ones only)
     policy_samples: int = Field(4, ge=0, le=64)
-    best_of_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts of the best-of-N curve
+    # held-out prompts of the best-of-N curve (64 samples each); 60 took the stage past 5 min
+    best_of_prompts: int = Field(40, ge=0, le=100_000)
     max_new_tokens: int = Field(64, ge=1, le=1_048_576)  # per best-of-N sample
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, le=4096)
@@ -314,7 +315,9 @@ class PolicyTraining(Optimisation):
     # far below SFT's: at 1e-4 DPO drifted 5.7 nats from the SFT model and lost to it
     lr: float = Field(2e-5, gt=0.0, le=1.0)
     beta: float = Field(0.1, gt=0.0, le=100.0)  # strength of the KL leash (DPO, IPO, KTO)
-    max_new_tokens: int = Field(64, ge=1, le=1_048_576)  # per reply in the evaluation
+    # per reply in the evaluation; the world's longest reference answer takes 88 tokens
+    max_new_tokens: int = Field(128, ge=1, le=1_048_576)
+    eval_samples: int = Field(4, ge=1, le=1024)  # sampled replies per held-out prompt
     kl_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts sampled for kl_to_ref
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, le=4096)
@@ -339,10 +342,89 @@ class KTOConfig(PolicyTraining):
     w_undesirable: float = Field(1.0, gt=0.0, le=100.0)
 
 
+class OnlineRL(Optimisation):
+    """What the online RL stages share: prompts, sampling, truncation, the clipped update."""
+
+    data: str | None = None  # prompts; default: the stage's world file
+    eval_data: str | None = None  # held-out prompts; default: the stage's world file
+    model: str | None = None  # default: this run's SFT model
+    skip_bad: bool = False  # count and report malformed records instead of failing
+    prompts_per_step: int = Field(8, ge=1, le=65_536)
+    steps: int = Field(150, ge=1, le=10_000_000)  # rollout batches
+    time_limit: float = Field(0.0, ge=0.0)  # seconds of training after which to stop; 0: none
+    iterations: int = Field(1, ge=1, le=100)  # passes over each rollout batch (PPO epochs)
+    minibatches: int = Field(1, ge=1, le=4096)  # optimiser steps per pass
+    clip_eps: float = Field(0.2, gt=0.0, le=10.0)
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    max_new_tokens: int = Field(96, ge=1, le=1_048_576)
+    # a reply cut at max_new_tokens: no loss on it, or the reward `truncation_reward`
+    truncated: Literal["exclude", "penalty"] = "exclude"
+    truncation_reward: float = Field(-1.0, ge=-100.0, le=100.0)
+    eval_prompts: int = Field(400, ge=0, le=1_000_000)  # 0: all
+    warmup_steps: int = Field(5, ge=0)
+    min_lr_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, le=4096)
+
+
+class GRPOConfig(OnlineRL):
+    """GRPO / RLOO with verifiable rewards: G samples per prompt, group-relative advantages.
+    Prompts: world rl_train.jsonl; held out: world sft_eval_arithmetic.jsonl."""
+
+    rewards: dict[Literal["verifiable", "steps", "format", "length"], float] = {"verifiable": 1.0}
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    scale_std: bool = True  # divide by the group's std; False is Dr. GRPO
+    loss_level: Literal["token", "sequence", "constant"] = "token"
+    group_size: int = Field(8, ge=2, le=4096)  # G samples per prompt
+    kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
+    # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
+    lr: float = Field(3e-5, gt=0.0, le=1.0)
+
+
+class PPOConfig(OnlineRL):
+    """PPO against the reward model with a KL penalty to the SFT model, and optionally the
+    pretraining loss mixed in (PPO-ptx). Prompts: world pref_train.jsonl; held out:
+    world pref_eval.jsonl, gold-scored."""
+
+    reward_model: str | None = None  # default: this run's rm/model
+    kl_coef: float = Field(0.05, ge=0.0, le=100.0)  # beta, the starting value when adaptive
+    kl_target: float = Field(0.0, ge=0.0)  # nats per reply; > 0: adaptive controller
+    kl_horizon: int = Field(10_000, ge=1)  # replies over which the controller adapts
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    value_clip: float = Field(0.2, gt=0.0, le=100.0)
+    vf_coef: float = Field(0.5, ge=0.0, le=100.0)
+    reward_clip: float = Field(5.0, gt=0.0, le=1000.0)  # on the normalised score
+    ptx_coef: float = Field(0.0, ge=0.0, le=1000.0)  # gamma of PPO-ptx; 0: plain PPO
+    ptx_rows: int = Field(4, ge=1, le=4096)  # pretraining windows per optimiser step
+    steps: int = Field(80, ge=1, le=10_000_000)
+    iterations: int = Field(2, ge=1, le=100)  # PPO epochs over each rollout batch
+    eval_samples: int = Field(4, ge=1, le=1024)  # sampled replies per held-out prompt
+    kl_prompts: int = Field(60, ge=0, le=100_000)  # held-out prompts sampled for kl_to_ref
+    # every this many steps (and before the first), one reply to each of `probe_prompts`
+    # held-out prompts: its gold score, reward-model score and KL, to follow over-optimisation
+    eval_every: int = Field(0, ge=0)
+    probe_prompts: int = Field(48, ge=1, le=100_000)
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+
+
+class OveroptimizationConfig(Section):
+    """`lmforge experiment overoptimization`: PPO and best-of-N against a proxy reward model."""
+
+    proxy_prompts: int = Field(120, ge=2, le=1_000_000)  # world rankings the proxy learns from
+    betas: list[float] = Field([0.0, 0.05, 0.2], min_length=1)  # PPO's KL coefficients
+    ppo_steps: int = Field(80, ge=1, le=1_000_000)
+    ppo_lr: float = Field(3e-5, gt=0.0, le=1.0)
+    eval_every: int = Field(10, ge=1)  # steps between the curves' points
+    eval_prompts: int = Field(48, ge=1, le=100_000)  # for each run's final gold comparison
+
+
 class RunConfig(Section):
     """The whole pipeline: which stages run, and one section per stage."""
 
-    stages: list[Literal["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo", "kto"]] = [
+    stages: list[
+        Literal["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo"]
+    ] = [
         "world",
         "clean",
         "tokenizer",
@@ -350,6 +432,7 @@ class RunConfig(Section):
         "sft",
         "rm",
         "dpo",
+        "grpo",
     ]
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
@@ -361,6 +444,9 @@ class RunConfig(Section):
     rm: RMConfig = RMConfig()
     dpo: DPOConfig = DPOConfig()
     kto: KTOConfig = KTOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    ppo: PPOConfig = PPOConfig()
+    overoptimization: OveroptimizationConfig = OveroptimizationConfig()
 
 
 def _describe_limits(model: type[BaseModel], loc: tuple) -> str:

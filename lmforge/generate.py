@@ -9,6 +9,8 @@ possible sequence, and each decoding step runs the model on one new token per ro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,8 +79,18 @@ def _attention_mask(
     return mask | eye
 
 
+@dataclass
+class Completion:
+    """One sampled continuation: its tokens (the stop token included when the row stopped)
+    and the log-probability the sampling distribution gave each of them."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stopped: bool  # ended on a stop token; False: cut at max_new_tokens (truncated)
+
+
 @torch.inference_mode()
-def generate(
+def sample_completions(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -89,9 +101,12 @@ def generate(
     pad_id: int = 0,
     seed: int | None = None,
     use_cache: bool = True,
-) -> list[list[int]]:
+    with_logprobs: bool = False,
+) -> list[Completion]:
     """Continue each prompt by up to `max_new_tokens` tokens; a row ends at its first stop
-    token, which is not returned. Returns the new tokens of each prompt.
+    token. With `with_logprobs`, each token's log-probability under the distribution it was
+    drawn from (softmax of logits / temperature, before top-k/top-p: with neither, exactly
+    the policy's at temperature 1) is recorded in the same pass; else `logprobs` is empty.
 
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
     """
@@ -117,6 +132,7 @@ def generate(
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), device=device)
 
     cache = KVCache.empty(model.cfg, B, total, device, dtype) if use_cache else None
     seq = ids
@@ -132,17 +148,30 @@ def generate(
                 positions=pos,
                 mask=_attention_mask(valid, q_start, q_end, padded),
                 cache=cache,
-            )
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            )[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_id, nxt)
             out[:, t] = nxt
+            if with_logprobs:
+                scaled = logits.float() / temperature if temperature > 0 else logits.float()
+                logprobs[:, t] = scaled.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 break
             seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
             step_input, q_start = nxt[:, None], q_end
     results = []
-    for row in out.tolist():
-        end = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))
-        results.append(row[:end])
+    for row, lps in zip(out.tolist(), logprobs.tolist()):
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stop_ids), len(row))
+        stopped = end <= len(row) and row[end - 1] in stop_ids
+        results.append(Completion(row[:end], lps[:end] if with_logprobs else [], stopped))
     return results
+
+
+def generate(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options: Any
+) -> list[list[int]]:
+    """The new tokens of each prompt, without the stop token; keyword options as for
+    `sample_completions` (temperature, top_k, top_p, stop_ids, pad_id, seed, use_cache)."""
+    rows = sample_completions(model, prompts, max_new_tokens, **options)
+    return [c.tokens[:-1] if c.stopped else c.tokens for c in rows]

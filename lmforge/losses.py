@@ -27,6 +27,20 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(z_{b,t})[y_{b,t}] per position (B, T), 0 where y = -100.
+
+    logits (B, T, V), targets (B, T) already shifted (z_t predicts y_t); float32.
+    """
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return -nll.view_as(targets)
+
+
 def sequence_logprobs(
     logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,13 +52,7 @@ def sequence_logprobs(
     and n (B,) int64; a row with no loss token gets s = 0, n = 0. Computed in float32 because
     the preference losses below subtract sums of hundreds of log-probs.
     """
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return -nll.view_as(targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
+    return token_logprobs(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
 def bradley_terry_loss(
@@ -195,3 +203,128 @@ def kto_reference_point(pi_mismatched: torch.Tensor, ref_mismatched: torch.Tenso
     each. Returns a detached scalar.
     """
     return (pi_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+
+
+# ---- online RL: advantages and policy-gradient losses -----------------------------------------
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024), G samples per prompt.
+
+        A_{p,i} = (r_{p,i} - mean_j r_{p,j}) / (std_j r_{p,j} + eps)   if scale
+        A_{p,i} =  r_{p,i} - mean_j r_{p,j}                            otherwise (Dr. GRPO)
+
+    rewards (P, G); the standard deviation is the population one (unbiased=False). Dr. GRPO
+    (Liu et al. 2025) drops the division: it up-weights groups where the rewards barely
+    differ, i.e. questions that are nearly always or nearly never solved. Returns (P, G).
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024), G >= 2 per prompt.
+
+        A_{p,i} = r_{p,i} - (1 / (G - 1)) * sum_{j != i} r_{p,j} = G / (G - 1) * (r_{p,i} - mean_j r_{p,j})
+
+    rewards (P, G). The baseline excludes the sample itself, so it is unbiased. Returns (P, G).
+    """
+    g = rewards.size(1)
+    if g < 2:
+        raise ValueError("rloo_advantages: needs at least 2 samples per prompt")
+    return g / (g - 1) * (rewards - rewards.mean(dim=1, keepdim=True))
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token.
+
+        rho_t = exp(logp_t - old_logp_t)
+        L_t = -min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t)
+
+    logp (B, T) under the policy being trained, old_logp (B, T) under the policy that sampled
+    the tokens (no gradient), advantages broadcastable to (B, T). Returns the per-token loss
+    (B, T) and a (B, T) float mask of the tokens where the clip was active (for the clip
+    fraction); aggregate with `masked_mean`.
+    """
+    ratio = torch.exp(logp - old_logp.detach())
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per sampled token, >= 0 and unbiased.
+
+        k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+    logp, ref_logp (B, T) log-probs of tokens sampled from pi. Returns (B, T).
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, level: str = "token") -> torch.Tensor:
+    """Aggregate per-token values (B, T) over the tokens where mask (B, T) is 1.
+
+        token:    sum_{b,t} m v / sum_{b,t} m                (every token weighs the same)
+        sequence: mean_b [ sum_t m v / sum_t m ]             (every reply weighs the same)
+        constant: sum_{b,t} m v / (B * T)                    (Dr. GRPO: no length bias)
+
+    GRPO's paper averages per sequence, which lets a long wrong reply off lightly; DAPO and
+    Dr. GRPO weigh tokens. A row without a masked token contributes 0.
+    """
+    mask = mask.float()
+    if level == "token":
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    if level == "sequence":
+        return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if level == "constant":
+        return (values * mask).sum() / mask.numel()
+    raise ValueError(f"masked_mean: level must be token, sequence or constant, not {level!r}")
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each reply's tokens.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after a reply's last token is 0)
+        A_t = sum_{l >= 0} (gamma * lam)^l * delta_{t+l},   R_t = A_t + V_t
+
+    rewards, values, mask (B, T), mask 1 on the reply's tokens (a contiguous span per row);
+    rewards are per token (PPO's: -beta * KL at each token, the score added at the last).
+    Returns advantages and returns (B, T), 0 off the mask; no gradient flows.
+    """
+    mask = mask.float()
+    rewards, values = rewards.detach() * mask, values.detach() * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float
+) -> torch.Tensor:
+    """PPO's value loss with the value clipped around the rollout's estimate, per token.
+
+        L_t = 0.5 * max((V_t - R_t)^2, (clip(V_t, V_old_t - eps, V_old_t + eps) - R_t)^2)
+
+    values (B, T) from the critic being trained, old_values and returns (B, T) fixed.
+    Returns (B, T); aggregate with `masked_mean`.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, -sum_v p_v log p_v, (B, T) from
+    logits (B, T, V); in float32."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -196,3 +196,20 @@ def hf_ids(result) -> list[int]:
     if hasattr(result, "keys"):
         result = result["input_ids"]
     return list(result)
+
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """`lmforge run --config configs/tiny.toml` (the default stages, through reward model,
+    DPO and GRPO), then `lmforge kto` and `lmforge ppo`, run once as a user runs them, for every test module
+    that reads a stage's output; each command's output is kept in ../<command>.stdout."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    for command in ("run", "kto", "ppo"):
+        proc = lmforge(command, "--config", TINY, "--out", out)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # what the command printed, beside the run directory, for tests of the output
+        (out.parent / f"{command}.stdout").write_text(proc.stdout)
+    return out

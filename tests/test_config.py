@@ -20,7 +20,7 @@ from lmforge.config import (
 def test_defaults_validate_and_have_documented_values():
     cfg = load_config()
     assert cfg == RunConfig()
-    assert cfg.stages == ["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo"]
+    assert cfg.stages == ["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo"]
     assert cfg.seed == 0
     assert cfg.pretrain.lr == 3e-3
     assert cfg.pretrain.dtype == "auto"

@@ -1,5 +1,5 @@
 """Learning from preferences: the reward model, best-of-N, DPO and its family, KTO; the tiny
-pipeline end to end (a subprocess, as a user runs it), and HH-RLHF where it is present."""
+pipeline end to end (the `tiny_run` fixture), and HH-RLHF where it is present."""
 
 from __future__ import annotations
 
@@ -22,24 +22,14 @@ from lmforge.stages import dpo, rm
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")
 HH = ROOT.parent / "shared" / "data" / "hh_rlhf" / "helpful-base" / "test.jsonl.gz"
-STAGES = "stages=['world','clean','tokenizer','pretrain','sft','rm','dpo','kto']"
-
-
-@pytest.fixture(scope="module")
-def pref_run(tmp_path_factory) -> Path:
-    """The tiny pipeline through reward model, DPO and KTO, once for this module."""
-    out = tmp_path_factory.mktemp("pref") / "run"
-    proc = lmforge("run", "--config", TINY, "--out", out, STAGES, "sft.eval_base=false")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
 
 
 def summary(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "summary.json").read_text())
 
 
-def test_reward_model_beats_chance_and_best_of_n_is_reported(pref_run):
-    s = summary(pref_run, "rm")
+def test_reward_model_beats_chance_and_best_of_n_is_reported(tiny_run):
+    s = summary(tiny_run, "rm")
     # annotators who agree on ~70% of pairs; a reward model trained on one of them
     assert 0.6 <= s["annotator_agreement"] <= 0.85
     assert s["pair_accuracy"] > 0.55 and s["pair_accuracy_gold"] > 0.55
@@ -48,49 +38,53 @@ def test_reward_model_beats_chance_and_best_of_n_is_reported(pref_run):
     )
     # every world prompt once as written, once as the SFT model's own 4 replies
     assert s["policy_rankings"] == s["data_records"] and s["train_prompts"] == 2 * s["data_records"]
-    written = [json.loads(x) for x in (pref_run / "world" / "pref_train.jsonl").open()]
-    sampled = [json.loads(x) for x in (pref_run / "rm" / "policy_rankings.jsonl").open()]
+    written = [json.loads(x) for x in (tiny_run / "world" / "pref_train.jsonl").open()]
+    sampled = [json.loads(x) for x in (tiny_run / "rm" / "policy_rankings.jsonl").open()]
     assert [r["messages"] for r in sampled] == [r["messages"] for r in written]
     assert all(len(r["responses"]) == 4 and sorted(r["ranking"]) == [0, 1, 2, 3] for r in sampled)
     for n in (1, 2, 4, 8, 16, 32, 64):
         assert 0.0 <= s[f"gold_best_of_{n}"] <= 8.0
-    assert (pref_run / "rm" / "best_of_n.png").stat().st_size > 1000
+    assert (tiny_run / "rm" / "best_of_n.png").stat().st_size > 1000
     # the stored statistics are those of the held-out rewards the stage measured
-    model, tokenizer, stats = load_reward_model(pref_run / "rm" / "model")
+    model, tokenizer, stats = load_reward_model(tiny_run / "rm" / "model")
     assert stats["reward_mean"] == s["reward_mean"] and stats["reward_std"] == s["reward_std"]
-    held = [json.loads(line) for line in (pref_run / "world" / "pref_eval.jsonl").open()]
+    held = [json.loads(line) for line in (tiny_run / "world" / "pref_eval.jsonl").open()]
     rewards = score(
         model, tokenizer, [(r["messages"], t) for r in held for t in r["responses"]], 128
     )
     assert sum(rewards) / len(rewards) == pytest.approx(s["reward_mean"], abs=1e-3)
 
 
-def test_dpo_and_kto_move_the_policy_and_report_gold_figures(pref_run):
+def test_dpo_and_kto_move_the_policy_and_report_gold_figures(tiny_run):
     for stage in ("dpo", "kto"):
-        s = summary(pref_run, stage)
-        assert s["wins"] + s["losses"] + s["ties"] == s["eval_prompts"] > 0
+        s = summary(tiny_run, stage)
+        # every held-out prompt, 4 sampled replies of each model, the i-th against the i-th
+        compared = s["eval_prompts"] * s["eval_samples_per_prompt"]
+        assert s["wins"] + s["losses"] + s["ties"] == compared > 0
         assert s["win_rate_vs_sft"] == pytest.approx(
-            (s["wins"] + s["ties"] / 2) / s["eval_prompts"], abs=1e-4
+            (s["wins"] + s["ties"] / 2) / compared, abs=1e-4
         )
+        assert 0.0 <= s["win_rate_vs_sft_greedy"] <= 1.0
+        assert 0.0 <= s["gold_mean_greedy"] <= 8.0 and 0.0 <= s["gold_mean_sft_greedy"] <= 8.0
         assert s["kl_to_ref"] > 0.0  # the policy moved away from the SFT model
-        trained, _ = load_model_dir(pref_run / stage)
-        sft, _ = load_model_dir(pref_run / "sft")
+        trained, _ = load_model_dir(tiny_run / stage)
+        sft, _ = load_model_dir(tiny_run / "sft")
         assert not torch.equal(trained.lm_head.weight, sft.lm_head.weight)
-    records = [json.loads(x) for x in (pref_run / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tiny_run / "dpo" / "metrics.jsonl").read_text().splitlines()]
     # the implicit reward orders the training pairs better at the end than at the start
     assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-3)  # policy == reference
-    assert summary(pref_run, "dpo")["reward_accuracy"] > 0.55
+    assert summary(tiny_run, "dpo")["reward_accuracy"] > 0.55
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo", "orpo"])
-def test_every_dpo_variant_trains(pref_run, loss):
+def test_every_dpo_variant_trains(tiny_run, loss):
     stage = f"dpo_{loss}"
     cfg = load_config(
         Path(TINY), [f"dpo.loss={loss}", "dpo.max_steps=6", "dpo.kl_prompts=2", "dpo.lr=1e-3"]
     )
-    s = dpo.run(cfg, pref_run, stage=stage)
+    s = dpo.run(cfg, tiny_run, stage=stage)
     assert s["loss_name"] == loss and s["steps"] == 6
-    losses = [json.loads(x)["loss"] for x in (pref_run / stage / "metrics.jsonl").open()]
+    losses = [json.loads(x)["loss"] for x in (tiny_run / stage / "metrics.jsonl").open()]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 6
 
 
@@ -146,20 +140,20 @@ def test_a_policy_has_zero_kl_to_itself(tokenizer):
     assert kl_to_reference(model, other, tokenizer, records, 8, seed=0) > 0.0
 
 
-def test_best_of_n_from_the_command_line(pref_run):
-    args = ["generate", "How do I make a kite?", "--model", pref_run / "sft"]
-    proc = lmforge(*args, "--best-of", "4", "--reward-model", pref_run / "rm" / "model")
+def test_best_of_n_from_the_command_line(tiny_run):
+    args = ["generate", "How do I make a kite?", "--model", tiny_run / "sft"]
+    proc = lmforge(*args, "--best-of", "4", "--reward-model", tiny_run / "rm" / "model")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best of 4]" in proc.stdout and "[reward " in proc.stdout
     proc = lmforge(*args, "--best-of", "4")
     assert proc.returncode != 0 and "--best-of needs --reward-model" in proc.stderr
 
 
-def test_a_damaged_reward_head_is_a_clear_error(pref_run, tmp_path):
+def test_a_damaged_reward_head_is_a_clear_error(tiny_run, tmp_path):
     import shutil
 
     copy = tmp_path / "rm"
-    shutil.copytree(pref_run / "rm" / "model", copy)
+    shutil.copytree(tiny_run / "rm" / "model", copy)
     head = copy / "reward_head.safetensors"
     head.write_bytes(head.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="reward_head.safetensors"):
@@ -167,12 +161,12 @@ def test_a_damaged_reward_head_is_a_clear_error(pref_run, tmp_path):
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"HH-RLHF not found at {HH}")
-def test_reward_model_and_dpo_on_hh_rlhf(pref_run):
+def test_reward_model_and_dpo_on_hh_rlhf(tiny_run):
     common = [f"rm.data={HH}", "rm.skip_bad=true", "rm.max_steps=30", "rm.batch_size=8"]
-    common.append(f"rm.model={pref_run / 'sft'}")  # a model directory, as users give it
-    s = rm.run(load_config(Path(TINY), common), pref_run, stage="rm_hh")
+    common.append(f"rm.model={tiny_run / 'sft'}")  # a model directory, as users give it
+    s = rm.run(load_config(Path(TINY), common), tiny_run, stage="rm_hh")
     assert s["eval_pairs"] > 200 and s["data_skipped"] == 7 and s["data_dropped_identical"] == 2
     assert 0.0 <= s["pair_accuracy"] <= 1.0 and "annotator_agreement" not in s
     cfg = load_config(Path(TINY), [f"dpo.data={HH}", "dpo.skip_bad=true", "dpo.max_steps=4"])
-    d = dpo.run(cfg, pref_run, stage="dpo_hh")
+    d = dpo.run(cfg, tiny_run, stage="dpo_hh")
     assert d["data_pairs"] > 2000 and d["pairs"] == d["data_pairs"] and d["steps"] == 4

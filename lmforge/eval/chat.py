@@ -19,6 +19,7 @@ from pathlib import Path
 from lmforge.data.readers import read_records
 from lmforge.generate import generate
 from lmforge.model import Transformer
+from lmforge.rewards import verifiable_reward
 from lmforge.tokenizer import Tokenizer
 from lmforge.world.scoring import answer_correct, is_refusal, parse_answer
 
@@ -111,3 +112,13 @@ def chat_eval(
         for name, items in sets.items()
     }
     return score(sets, replies)
+
+
+def answer_accuracy(
+    model: Transformer, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int
+) -> float:
+    """The share of prompts with a verifiable answer (`data.prompts` records) whose greedy
+    reply ends on the right final answer (`rewards.verifiable_reward`)."""
+    replies = reply(model, tokenizer, [r["messages"] for r in records], max_new_tokens)
+    hits = [verifiable_reward(r, text) for r, (text, _) in zip(records, replies)]
+    return round(sum(hits) / max(len(hits), 1), 4)

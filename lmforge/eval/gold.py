@@ -131,6 +131,25 @@ def kl_to_reference(
     return round(statistics.fmean(a - b for a, b in zip(pi, ref)), 4)
 
 
+def sampled_scores(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+) -> list[float]:
+    """Gold scores of k replies sampled at temperature 1 for each record, record by record."""
+    samples = sample_replies(
+        model, tokenizer, [r["messages"] for r in records], k, max_new_tokens, seed, 16
+    )
+    return [
+        gold_score(r["kind"], r["lang"], tokenizer.decode(row), r["answer"])["score"]
+        for r, (_, _, rows) in zip(records, samples)
+        for row in rows
+    ]
+
+
 def compare_to_reference(
     policy: Transformer,
     reference: Transformer,
@@ -139,22 +158,37 @@ def compare_to_reference(
     max_new_tokens: int,
     kl_prompts: int,
     seed: int,
+    samples_per_prompt: int = 4,
 ) -> dict:
-    """The figures of a policy trained away from `reference` (e.g. DPO from the SFT model):
-    its gold win rate against the reference on `records` (`win_rate_vs_sft` and the counts),
-    both mean gold scores, and `kl_to_ref` on `kl_prompts` of the records (`spread`)."""
-    ours = gold_replies(policy, tokenizer, records, max_new_tokens)
-    theirs = gold_replies(reference, tokenizer, records, max_new_tokens)
-    wins = win_rate([r["score"] for r in ours], [r["score"] for r in theirs])
+    """The figures of a policy trained away from `reference` (e.g. DPO from the SFT model) on
+    held-out `records`:
+
+    - `win_rate_vs_sft` (with its counts and both mean gold scores): the policy as it is, a
+      distribution, so `samples_per_prompt` replies of each model sampled at temperature 1,
+      the i-th of one against the i-th of the other. Both draw from the same random stream,
+      so where the two distributions agree the replies do too and tie;
+    - `win_rate_vs_sft_greedy`: the greedy replies, which move only where training flipped the
+      most likely token;
+    - `kl_to_ref` on `kl_prompts` of the records (`spread`)."""
+    ours = sampled_scores(policy, tokenizer, records, samples_per_prompt, max_new_tokens, seed)
+    theirs = sampled_scores(reference, tokenizer, records, samples_per_prompt, max_new_tokens, seed)
+    wins = win_rate(ours, theirs)
+    greedy_ours = gold_replies(policy, tokenizer, records, max_new_tokens)
+    greedy_theirs = gold_replies(reference, tokenizer, records, max_new_tokens)
+    greedy = win_rate([r["score"] for r in greedy_ours], [r["score"] for r in greedy_theirs])
     return {
         "win_rate_vs_sft": wins["win_rate"],
         "wins": wins["wins"],
         "losses": wins["losses"],
         "ties": wins["ties"],
-        "gold_mean": round(statistics.fmean(r["score"] for r in ours), 4),
-        "gold_mean_sft": round(statistics.fmean(r["score"] for r in theirs), 4),
+        "gold_mean": round(statistics.fmean(ours), 4),
+        "gold_mean_sft": round(statistics.fmean(theirs), 4),
+        "win_rate_vs_sft_greedy": greedy["win_rate"],
+        "gold_mean_greedy": round(statistics.fmean(r["score"] for r in greedy_ours), 4),
+        "gold_mean_sft_greedy": round(statistics.fmean(r["score"] for r in greedy_theirs), 4),
         "kl_to_ref": kl_to_reference(
             policy, reference, tokenizer, spread(records, kl_prompts), max_new_tokens, seed
         ),
         "eval_prompts": len(records),
+        "eval_samples_per_prompt": samples_per_prompt,
     }

@@ -154,6 +154,7 @@ def finish_policy_stage(
             section.max_new_tokens,
             section.kl_prompts,
             seed,
+            section.eval_samples,
         )
     console.print(f"{ps.name}: {json.dumps(summary)}")
     summary.update(seconds=ps.timer.seconds, device=f"{ps.d.device.type} x 1")

@@ -832,15 +832,25 @@ def sft_eval_facts(world: World, cfg: WorldConfig) -> list[dict]:
     return out
 
 
-def sft_eval_arithmetic(world: World, cfg: WorldConfig) -> list[dict]:
-    """The evaluation word problems (`eval_arithmetic`) as chat prompts
-    `{"messages", "answer": int, "lang"}`; none of them is in the SFT training pool."""
+def _problem_prompts(world: World, cfg: WorldConfig, pool: str) -> list[dict]:
     sets = problem_sets(world, cfg)
     return [
         {"messages": [{"role": "user", "content": p.question}], "answer": p.answer, "lang": lang}
         for lang in cfg.languages
-        for p in sets[lang]["eval"]
+        for p in sets[lang][pool]
     ]
+
+
+def sft_eval_arithmetic(world: World, cfg: WorldConfig) -> list[dict]:
+    """The evaluation word problems (`eval_arithmetic`) as chat prompts
+    `{"messages", "answer": int, "lang"}`; none of them is in the SFT training pool."""
+    return _problem_prompts(world, cfg, "eval")
+
+
+def rl_train(world: World, cfg: WorldConfig) -> list[dict]:
+    """The training pool's word problems as chat prompts with verifiable answers, for GRPO
+    and PPO; they are scored on `sft_eval_arithmetic`, which none of them is."""
+    return _problem_prompts(world, cfg, "train")
 
 
 def _distinct(make: Callable[[], str], n: int) -> list[str]:

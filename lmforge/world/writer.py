@@ -3,9 +3,9 @@
 `STAGE_FILES` is the registry of what the world stage writes. Each entry maps a file name to
 a generator `(world, cfg) -> list[dict]`; `write_world` writes every registered file. Today it
 holds the pretraining corpus, the held-out text, the evaluation sets, the SFT conversations
-with their evaluation sets (`sft.py`), and the ranked comparison data (`preferences.py`).
-The generators of later stages (RL prompts with verifiable answers) register here too, and
-are then written by the same call, atomically, with their counts in the summary.
+with their evaluation sets (`sft.py`), the ranked comparison data (`preferences.py`) and the
+word problems with verifiable answers for online RL (`rl_train.jsonl`). Each file is written
+atomically, with its count in the summary.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from .entities import World, build_world
 from .noise import AD_PHRASES, NOISE_KINDS
 from .preferences import pair_agreement, pref_eval, pref_train
 from .probes import fact_probes
-from .sft import sft_conversations, sft_eval_arithmetic, sft_eval_facts, sft_eval_safety
+from .sft import (
+    rl_train,
+    sft_conversations,
+    sft_eval_arithmetic,
+    sft_eval_facts,
+    sft_eval_safety,
+)
 from .templates import capital_sentence
 
 Generator = Callable[[World, WorldConfig], list[dict]]
@@ -45,6 +51,7 @@ STAGE_FILES: dict[str, Generator] = {
     "sft_eval_safety.jsonl": sft_eval_safety,
     "pref_train.jsonl": pref_train,
     "pref_eval.jsonl": pref_eval,
+    "rl_train.jsonl": rl_train,
 }
 
 

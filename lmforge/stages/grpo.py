@@ -1,0 +1,248 @@
+"""Stage `grpo`: group-relative policy optimisation with verifiable rewards.
+
+    word problems (DIR/world/rl_train.jsonl) ──┐
+    the SFT model (DIR/sft) ── policy ─────────┴─▶ DIR/grpo/ (model, summary.json)
+
+Each step draws `prompts_per_step` prompts and samples `group_size` replies to each at
+temperature 1 (`rollout.rollout`, log-probs kept from the same pass). Each reply gets a reward
+(`rewards`: by default 1 if its final answer is right), and its advantage is its reward
+against its group's (`losses.group_advantages`, or `rloo_advantages`; without the division by
+the group's std this is Dr. GRPO). A group whose rewards are all equal carries no signal and
+is skipped (counted). The policy then takes `iterations` passes of `minibatches` optimiser
+steps over the batch, with the clipped importance ratio against the sampling policy
+(`losses.clipped_policy_loss`) and, with `kl_coef` > 0, the k3 KL to the frozen SFT model,
+aggregated per token, per reply or by a constant (`losses.masked_mean`).
+
+Figures: greedy accuracy on held-out problems before and after (`arith_accuracy_before`,
+`arith_accuracy`: world/sft_eval_arithmetic.jsonl, none of which is trained on), and per
+step in metrics.jsonl: reward, accuracy of the samples, skipped groups, clip fraction,
+KL, entropy, reply length, truncations, rollout and training seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import GRPOConfig, RunConfig
+from lmforge.data.prompts import read_prompts
+from lmforge.data.readers import SkipReport
+from lmforge.eval.chat import answer_accuracy
+from lmforge.eval.gold import spread
+from lmforge.io import load_model_dir
+from lmforge.losses import (
+    IGNORE_INDEX,
+    clipped_policy_loss,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    rloo_advantages,
+    token_entropy,
+    token_logprobs,
+)
+from lmforge.model import Transformer
+from lmforge.rewards import combined_reward, verifiable_reward
+from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
+from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
+from lmforge.tokenizer import Tokenizer
+from lmforge.train_utils import (
+    TrainingProgress,
+    build_optimizer,
+    console,
+    finish_training,
+    setup_device,
+)
+
+
+def advantages(rewards: torch.Tensor, gc: GRPOConfig) -> torch.Tensor:
+    """(P, G) advantages of (P, G) rewards, as `grpo.advantage` and `grpo.scale_std` say."""
+    if gc.advantage == "rloo":
+        return rloo_advantages(rewards)
+    return group_advantages(rewards, scale=gc.scale_std)
+
+
+def fitting(
+    records: list[dict], tokenizer: Tokenizer, policy: Transformer, gc: GRPOConfig
+) -> tuple[list[dict], int]:
+    """The records whose prompt leaves `gc.max_new_tokens` in the model's context, and how
+    many did not (GSM8K questions can outgrow a small model's context)."""
+    room = policy.cfg.max_seq_len - gc.max_new_tokens
+    kept = [
+        r
+        for r in records
+        if len(tokenizer.render_chat(r["messages"], add_generation_prompt=True)[0]) <= room
+    ]
+    return kept, len(records) - len(kept)
+
+
+def policy_update(
+    policy: Transformer,
+    reference: Transformer | None,
+    optimizer: torch.optim.Optimizer,
+    rollouts: list[Rollout],
+    adv: torch.Tensor,
+    gc: GRPOConfig,
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """`gc.iterations` passes of `gc.minibatches` optimiser steps over the rollouts, each
+    with its advantage adv (B,); returns the loss, clip fraction, KL and entropy averaged
+    over the steps."""
+    x, y, old = (t.to(device) for t in training_batch(rollouts, pad_id))
+    mask = y != IGNORE_INDEX
+    ref = None
+    if reference is not None:
+        with torch.no_grad():
+            ref = token_logprobs(reference(x) / gc.temperature, y)
+    adv = adv.to(device)[:, None]
+
+    def step_loss(mb: list[int], _: int) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = policy(x[mb]) / gc.temperature
+        logp = token_logprobs(logits, y[mb])
+        per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], gc.clip_eps)
+        kl = k3_kl(logp, ref[mb]) if ref is not None else torch.zeros_like(logp)
+        loss = masked_mean(per_token + gc.kl_coef * kl, mask[mb], gc.loss_level)
+        with torch.no_grad():
+            figures = {
+                "clip_fraction": masked_mean(clipped, mask[mb]).item(),
+                "kl": masked_mean(kl, mask[mb]).item(),
+                "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
+            }
+        return loss, figures
+
+    policy.train()
+    return update_passes(
+        list(policy.parameters()),
+        optimizer,
+        len(rollouts),
+        gc.iterations,
+        gc.minibatches,
+        gc.grad_clip,
+        step_loss,
+    )
+
+
+def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
+    """Train the SFT model with GRPO into DIR/<stage>/ and measure held-out accuracy."""
+    gc = cfg.grpo
+    timer = Timer()
+    d = setup_device(gc.device, gc.num_threads)
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, stage, cfg)
+    base_dir = find_model_dir(run_dir, gc.model, "grpo.model", ["sft", "pretrain"])
+    policy, tokenizer = load_model_dir(base_dir, d.device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if gc.kl_coef > 0 else None
+    skips = SkipReport() if gc.skip_bad else None
+    data_path = find_input(run_dir, gc.data, "grpo.data", ["world/rl_train.jsonl"])
+    eval_path = find_input(
+        run_dir, gc.eval_data, "grpo.eval_data", ["world/sft_eval_arithmetic.jsonl"]
+    )
+    records, too_long = fitting(read_prompts(data_path, skips), tokenizer, policy, gc)
+    held, held_too_long = fitting(read_prompts(eval_path, skips), tokenizer, policy, gc)
+    if not records or not held:
+        empty = data_path if not records else eval_path
+        raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
+    if gc.eval_prompts:
+        held = spread(held, gc.eval_prompts)
+    reward = combined_reward(gc.rewards)
+    eval_tokens = gc.max_new_tokens
+    before = answer_accuracy(policy, tokenizer, held, eval_tokens)
+    console.print(
+        f"grpo: {len(records)} prompts from {data_path}; {gc.steps} steps x "
+        f"{gc.prompts_per_step} prompts x {gc.group_size} samples on {d.device}; "
+        f"held-out accuracy before: {before}"
+    )
+
+    optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
+    log, batches = start_log(out, len(records), gc.prompts_per_step, cfg.seed)
+    rollout_seconds = train_seconds = 0.0
+    skipped_groups = groups = steps_done = generated = 0
+    start = time.perf_counter()
+    with TrainingProgress(gc.steps, "grpo") as progress:
+        for step, lr in rl_steps(gc, optimizer):
+            t0 = time.perf_counter()
+            indices = next(batches)
+            rolls = rollout(
+                policy,
+                tokenizer,
+                records,
+                indices,
+                gc.group_size,
+                gc.max_new_tokens,
+                gc.temperature,
+                seed=cfg.seed * 1_000_003 + step,
+            )
+            rewards = torch.tensor([reward(records[r.record], r.text) for r in rolls])
+            correct = [verifiable_reward(records[r.record], r.text) for r in rolls]
+            truncated = torch.tensor([r.truncated for r in rolls])
+            if gc.truncated == "penalty":
+                rewards = torch.where(truncated, gc.truncation_reward, rewards)
+            grid = rewards.view(len(indices), gc.group_size)
+            informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
+            adv = advantages(grid, gc).flatten()
+            keep = informative & ~truncated if gc.truncated == "exclude" else informative
+            t1 = time.perf_counter()
+            rollout_seconds += t1 - t0
+            groups += len(indices)
+            skipped_groups += len(indices) - int(informative.sum()) // gc.group_size
+            chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
+            update = {}
+            if chosen:
+                update = policy_update(
+                    policy,
+                    reference,
+                    optimizer,
+                    chosen,
+                    adv[keep],
+                    gc,
+                    tokenizer.pad_id,
+                    d.device,
+                )
+            train_seconds += time.perf_counter() - t1
+            steps_done = step
+            record = {
+                "step": step,
+                "loss": update.get("loss", 0.0),
+                "reward": round(rewards.mean().item(), 4),
+                "sample_accuracy": round(sum(correct) / len(correct), 4),
+                "skipped_groups": len(indices) - int(informative.sum()) // gc.group_size,
+                "truncated": round(truncated.float().mean().item(), 4),
+                "reply_tokens": round(sum(len(r.tokens) for r in rolls) / len(rolls), 2),
+                **{k: v for k, v in update.items() if k != "loss"},
+                "rollout_seconds": round(t1 - t0, 3),
+                "train_seconds": round(time.perf_counter() - t1, 3),
+                "lr": lr,
+            }
+            log.write(**record)
+            generated += sum(len(r.tokens) for r in rolls)
+            tok_s = generated / (time.perf_counter() - start)  # sampled tokens
+            progress.update(step, loss=record["loss"], tok_s=tok_s)
+
+    finish_training(out, policy, tokenizer, log, "grpo")
+    after = answer_accuracy(policy, tokenizer, held, eval_tokens)
+    history = log.read()
+    first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10) :]
+    summary = {
+        "arith_accuracy": after,
+        "arith_accuracy_before": before,
+        "eval_prompts": len(held),
+        "eval_data": str(eval_path),
+        "base_model": str(base_dir),
+        "steps": steps_done,
+        "samples": steps_done * gc.prompts_per_step * gc.group_size,
+        "sample_accuracy_first": round(sum(r["sample_accuracy"] for r in first) / len(first), 4),
+        "sample_accuracy_last": round(sum(r["sample_accuracy"] for r in last) / len(last), 4),
+        "skipped_groups": skipped_groups,
+        "groups": groups,
+        "rollout_seconds": round(rollout_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "data_skipped": len(skips.skipped) if skips else 0,
+        "prompts_too_long": too_long,
+        "eval_prompts_too_long": held_too_long,
+    }
+    console.print(f"grpo: {summary}")
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x 1")
+    return write_summary(out, summary)

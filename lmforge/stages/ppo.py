@@ -1,0 +1,414 @@
+"""Stage `ppo`: proximal policy optimisation against the reward model, on a KL leash.
+
+    prompts (DIR/world/pref_train.jsonl) ──┐
+    the reward model (DIR/rm/model) ───────┤
+    the SFT model (DIR/sft) ── policy + value head, frozen reference ─▶ DIR/ppo/
+
+Each step samples one reply to each of `prompts_per_step` prompts (`rollout.rollout`), scores
+it with the reward model, normalised by the reward statistics `rm` stored and clipped to
++-`reward_clip` (a truncated reply can get `truncation_reward` instead), and gives every
+reply token the reward
+
+    r_t = -beta * (log pi(y_t) - log ref(y_t))   (+ the score at the reply's last token)
+
+so the return is the score minus beta times the reply's KL to the SFT model (Ziegler et al.
+2019; Ouyang et al. 2022). A value head on the policy's final hidden states estimates the
+return; advantages come from GAE (`losses.gae`, gamma, lambda), whitened over the batch. The
+policy then takes `iterations` passes of `minibatches` optimiser steps with the clipped
+surrogate (`losses.clipped_policy_loss`) plus `vf_coef` times the clipped value loss
+(`losses.clipped_value_loss`). With `kl_target` > 0, beta follows an adaptive controller:
+beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * replies / horizon. With `ptx_coef` > 0 the
+pretraining loss on `ptx_rows` windows of pretraining text is added to each step (PPO-ptx:
+objective = E[r - beta log pi/pi_SFT] + ptx_coef * E_pretrain[log pi]).
+
+Figures: `gold_score` / `gold_score_before` (mean gold score of the policy's and the SFT
+model's sampled replies to held-out prompts, `eval.gold.compare_to_reference`, with win rates
+and `kl_to_ref`), `pretrain_loss_delta` (held-out pretraining loss after minus before), and
+per step in metrics.jsonl: score, KL, beta, entropy, clip fraction, value loss, explained
+variance, reply length, rollout and training seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import PPOConfig, RunConfig
+from lmforge.data.readers import SkipReport, read_records
+from lmforge.data.sft import checked_messages
+from lmforge.data.shards import TokenBatches, load_shard
+from lmforge.eval.gold import compare_to_reference, spread
+from lmforge.eval.lm import lm_loss
+from lmforge.io import load_model_dir
+from lmforge.losses import (
+    IGNORE_INDEX,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    masked_cross_entropy,
+    masked_mean,
+    token_entropy,
+    token_logprobs,
+)
+from lmforge.model import Transformer
+from lmforge.model.reward import RewardModel, load_reward_model, score
+from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
+from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
+from lmforge.tokenizer import Tokenizer
+from lmforge.train_utils import (
+    Dist,
+    TrainingProgress,
+    build_optimizer,
+    console,
+    finish_training,
+    setup_device,
+)
+from lmforge.world.scoring import gold_score
+
+PRETRAINING_SHARDS = ["sft/data", "clean/tokens", "pretrain/data"]
+LM_EVAL_ROWS, LM_EVAL_BATCHES = 16, 16  # held-out pretraining windows scored before and after
+
+
+class ValueHead(nn.Module):
+    """V(state) = w . h_t + b on the policy's final hidden states, zero at the start."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1).float()  # (B, T)
+
+
+def read_conversations(path: Path, skips: SkipReport | None) -> list[dict]:
+    """Held-out or training prompt records with `messages` (world pref files keep their
+    `kind`, `lang` and `answer` for the gold scorer)."""
+    out = []
+    for where, record in read_records(path, skips):
+        record["messages"] = checked_messages(record.get("messages"), where)
+        out.append(record)
+    return out
+
+
+def adapt_kl(beta: float, kl: float, target: float, replies: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: beta grows when KL is above target."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return beta * (1.0 + error * replies / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens."""
+    m = mask.bool()
+    var = returns[m].var(unbiased=False)
+    return float(1.0 - (returns[m] - values[m]).var(unbiased=False) / var) if var > 0 else 0.0
+
+
+def pretraining_windows(
+    cfg: RunConfig, run_dir: Path, policy: Transformer
+) -> tuple[TokenBatches | None, TokenBatches | None]:
+    """Held-out windows of pretraining text (for the forgetting figure) and training
+    windows (for PPO-ptx) from the run's token shards, or (None, None) without any."""
+    seq_len = min(cfg.pretrain.seq_len, policy.cfg.max_seq_len)
+    for candidate in PRETRAINING_SHARDS:
+        shards = Path(run_dir) / candidate
+        if (shards / "train.npy").exists() and (shards / "val.npy").exists():
+            val = TokenBatches(load_shard(shards / "val.npy"), seq_len, LM_EVAL_ROWS, cfg.seed)
+            train = TokenBatches(
+                load_shard(shards / "train.npy"), seq_len, cfg.ppo.ptx_rows, cfg.seed
+            )
+            return val, train
+    return None, None
+
+
+def held_out_lm_loss(model: Transformer, windows: TokenBatches | None, d: Dist) -> float | None:
+    """Next-token loss on the first LM_EVAL_BATCHES x LM_EVAL_ROWS held-out windows."""
+    if windows is None:
+        return None
+    n_batches = max(1, min(LM_EVAL_BATCHES, windows.n_windows // LM_EVAL_ROWS))
+    return lm_loss(model, windows, n_batches, LM_EVAL_ROWS, d, contextlib.nullcontext)
+
+
+def ppo_update(
+    policy: Transformer,
+    value_head: ValueHead,
+    reference: Transformer,
+    optimizer: torch.optim.Optimizer,
+    rollouts: list[Rollout],
+    scores: torch.Tensor,
+    beta: float,
+    pc: PPOConfig,
+    pad_id: int,
+    device: torch.device,
+    ptx: TokenBatches | None,
+    ptx_step: int,
+) -> dict[str, float]:
+    """One PPO update on a rollout batch whose replies scored `scores` (B,): per-token
+    rewards, GAE, then `pc.iterations` x `pc.minibatches` clipped policy and value steps
+    (plus the pretraining loss when `pc.ptx_coef` > 0). Returns the batch's KL (nats per
+    reply) and explained variance, and the steps' mean loss, clip fraction, value loss and
+    entropy."""
+    x, y, old = (t.to(device) for t in training_batch(rollouts, pad_id))
+    mask = y != IGNORE_INDEX
+    with torch.no_grad():
+        ref = token_logprobs(reference(x) / pc.temperature, y)
+        old_values = value_head(policy.hidden_states(x))
+    kl = (old - ref) * mask  # log pi/ref of each sampled token
+    rewards = -beta * kl
+    last = (mask * torch.arange(mask.size(1), device=device)).argmax(1)  # each reply's end
+    rewards[torch.arange(len(rollouts), device=device), last] += scores.to(device)
+    adv, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
+    adv = (adv - adv[mask].mean()) / (adv[mask].std(unbiased=False) + 1e-8) * mask
+
+    def step_loss(mb: list[int], k: int) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = policy.hidden_states(x[mb])
+        logits = policy.lm_head(hidden) / pc.temperature
+        logp = token_logprobs(logits, y[mb])
+        per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], pc.clip_eps)
+        value_loss = clipped_value_loss(
+            value_head(hidden), old_values[mb], returns[mb], pc.value_clip
+        )
+        loss = masked_mean(per_token, mask[mb]) + pc.vf_coef * masked_mean(value_loss, mask[mb])
+        figures = {}
+        if pc.ptx_coef > 0 and ptx is not None:
+            px, py = ptx.micro_batch(ptx_step + k, 0, pc.ptx_rows, 0, 1)
+            ptx_loss = masked_cross_entropy(policy(px.to(device)), py.to(device))
+            loss = loss + pc.ptx_coef * ptx_loss
+            figures["ptx_loss"] = ptx_loss.item()
+        with torch.no_grad():
+            figures |= {
+                "clip_fraction": masked_mean(clipped, mask[mb]).item(),
+                "value_loss": masked_mean(value_loss, mask[mb]).item(),
+                "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
+            }
+        return loss, figures
+
+    policy.train()
+    figures = update_passes(
+        list(policy.parameters()) + list(value_head.parameters()),
+        optimizer,
+        len(rollouts),
+        pc.iterations,
+        pc.minibatches,
+        pc.grad_clip,
+        step_loss,
+    )
+    return figures | {
+        "kl": round(kl.sum(1).mean().item(), 5),
+        "explained_variance": round(explained_variance(old_values, returns, mask), 5),
+    }
+
+
+@torch.no_grad()
+def probe(
+    policy: Transformer,
+    reference: Transformer,
+    tokenizer: Tokenizer,
+    reward_model: RewardModel,
+    rm_tokenizer: Tokenizer,
+    records: list[dict],
+    max_new_tokens: int,
+    seed: int,
+) -> dict[str, float]:
+    """One sampled reply to each held-out record: the mean gold score, reward-model score
+    and KL(policy || reference) in nats per reply, the three curves of over-optimisation."""
+    rolls = rollout(
+        policy, tokenizer, records, list(range(len(records))), 1, max_new_tokens, 1.0, seed
+    )
+    device = next(policy.parameters()).device
+    x, y, old = (t.to(device) for t in training_batch(rolls, tokenizer.pad_id))
+    ref = token_logprobs(reference(x), y)
+    kl = ((old - ref) * (y != IGNORE_INDEX)).sum(1).mean().item()
+    texts = [(records[r.record]["messages"], r.text) for r in rolls]
+    proxy = score(reward_model, rm_tokenizer, texts, reward_model.trunk.cfg.max_seq_len)
+    gold = [
+        gold_score(
+            records[r.record]["kind"],
+            records[r.record]["lang"],
+            r.text,
+            records[r.record]["answer"],
+        )["score"]
+        for r in rolls
+    ]
+    return {
+        "eval_gold": round(statistics.fmean(gold), 4),
+        "eval_proxy": round(statistics.fmean(proxy), 4),
+        "eval_kl": round(kl, 4),
+    }
+
+
+def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
+    """Train the SFT model with PPO against the reward model into DIR/<stage>/."""
+    pc: PPOConfig = cfg.ppo
+    timer = Timer()
+    d = setup_device(pc.device, pc.num_threads)
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, stage, cfg)
+    base_dir = find_model_dir(run_dir, pc.model, "ppo.model", ["sft", "pretrain"])
+    policy, tokenizer = load_model_dir(base_dir, d.device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    value_head = ValueHead(policy.cfg.dim).to(d.device)
+    rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
+    reward_model, rm_tokenizer, stats = load_reward_model(rm_dir, d.device)
+    skips = SkipReport() if pc.skip_bad else None
+    data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
+    eval_path = find_input(run_dir, pc.eval_data, "ppo.eval_data", ["world/pref_eval.jsonl"])
+    records = read_conversations(data_path, skips)
+    held = read_conversations(eval_path, skips)
+    gold_scored = all("kind" in r and "answer" in r for r in held)
+    probes = spread(held, pc.probe_prompts) if pc.eval_every and gold_scored else []
+    if pc.eval_prompts:
+        held = spread(held, pc.eval_prompts)
+    val_windows, ptx = pretraining_windows(cfg, run_dir, policy)
+    if pc.ptx_coef > 0 and ptx is None:
+        raise ValueError("ppo: ptx_coef > 0 needs pretraining token shards in the run")
+    loss_before = held_out_lm_loss(policy, val_windows, d)
+    console.print(
+        f"ppo: {len(records)} prompts from {data_path}; {pc.steps} steps x "
+        f"{pc.prompts_per_step} replies on {d.device}; reward model {rm_dir}"
+    )
+
+    def track() -> dict[str, float]:
+        return probe(
+            policy,
+            reference,
+            tokenizer,
+            reward_model,
+            rm_tokenizer,
+            probes,
+            pc.max_new_tokens,
+            cfg.seed,
+        )
+
+    both = nn.ModuleList([policy, value_head])
+    optimizer = build_optimizer(both, pc.lr, pc.weight_decay, (pc.beta1, pc.beta2))
+    log, batches = start_log(out, len(records), pc.prompts_per_step, cfg.seed)
+    beta, rollout_seconds, train_seconds, steps_done, updates = pc.kl_coef, 0.0, 0.0, 0, 0
+    with TrainingProgress(pc.steps, "ppo") as progress:
+        for step, lr in rl_steps(pc, optimizer):
+            tracked = {}
+            if probes and (step - 1) % pc.eval_every == 0:
+                tracked = track()
+            t0 = time.perf_counter()
+            indices = next(batches)
+            rolls = rollout(
+                policy,
+                tokenizer,
+                records,
+                indices,
+                1,
+                pc.max_new_tokens,
+                pc.temperature,
+                seed=cfg.seed * 1_000_003 + step,
+            )
+            raw = torch.tensor(
+                score(
+                    reward_model,
+                    rm_tokenizer,
+                    [(records[r.record]["messages"], r.text) for r in rolls],
+                    reward_model.trunk.cfg.max_seq_len,
+                )
+            )
+            scores = ((raw - stats["reward_mean"]) / stats["reward_std"]).clamp(
+                -pc.reward_clip, pc.reward_clip
+            )
+            truncated = torch.tensor([r.truncated for r in rolls])
+            if pc.truncated == "penalty":
+                scores = torch.where(truncated, pc.truncation_reward, scores)
+            kept = [
+                r for r, t in zip(rolls, truncated.tolist()) if not t or pc.truncated == "penalty"
+            ]
+            scores = scores[~truncated] if pc.truncated == "exclude" else scores
+            t1 = time.perf_counter()
+            rollout_seconds += t1 - t0
+            figures = {}
+            if kept:
+                figures = ppo_update(
+                    policy,
+                    value_head,
+                    reference,
+                    optimizer,
+                    kept,
+                    scores,
+                    beta,
+                    pc,
+                    tokenizer.pad_id,
+                    d.device,
+                    ptx,
+                    step * pc.iterations * pc.minibatches,
+                )
+                updates += 1
+            train_seconds += time.perf_counter() - t1
+            if pc.kl_target > 0 and figures:
+                beta = adapt_kl(beta, figures["kl"], pc.kl_target, len(kept), pc.kl_horizon)
+            steps_done = step
+            log.write(
+                step=step,
+                loss=figures.get("loss", 0.0),
+                score=round(raw.mean().item(), 4),
+                score_normalised=round(scores.mean().item(), 4) if len(scores) else 0.0,
+                **{k: v for k, v in figures.items() if k != "loss"},
+                beta=round(beta, 5),
+                truncated=round(truncated.float().mean().item(), 4),
+                reply_tokens=round(sum(len(r.tokens) for r in rolls) / len(rolls), 2),
+                rollout_seconds=round(t1 - t0, 3),
+                train_seconds=round(time.perf_counter() - t1, 3),
+                lr=lr,
+                **tracked,
+            )
+            progress.update(step, loss=figures.get("loss", float("nan")), tok_s=0.0)
+
+    finish_training(out, policy, tokenizer, log, "ppo")
+    history = log.read()
+    tenth = max(1, len(history) // 10)
+    summary = {
+        "base_model": str(base_dir),
+        "reward_model": str(rm_dir),
+        "steps": steps_done,
+        "updates": updates,
+        "score_first": round(sum(r["score"] for r in history[:tenth]) / tenth, 4),
+        "score_last": round(sum(r["score"] for r in history[-tenth:]) / tenth, 4),
+        "beta_final": round(beta, 5),
+        "ptx_coef": pc.ptx_coef,
+        "rollout_seconds": round(rollout_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "data_skipped": len(skips.skipped) if skips else 0,
+    }
+    if loss_before is not None:
+        after = held_out_lm_loss(policy, val_windows, d)
+        summary |= {
+            "pretrain_loss_before": round(loss_before, 5),
+            "pretrain_loss_after": round(after, 5),
+            "pretrain_loss_delta": round(after - loss_before, 5),
+        }
+    if probes:  # the curves' last point, after the last step
+        log.write(
+            step=steps_done + 1,
+            **track(),
+        )
+    if gold_scored:
+        figures = compare_to_reference(
+            policy,
+            reference,
+            tokenizer,
+            held,
+            pc.max_new_tokens,
+            pc.kl_prompts,
+            cfg.seed,
+            pc.eval_samples,
+        )
+        summary |= {
+            "gold_score": figures["gold_mean"],
+            "gold_score_before": figures["gold_mean_sft"],
+        }
+        summary |= figures
+    console.print(f"ppo: {summary}")
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x 1")
+    return write_summary(out, summary)

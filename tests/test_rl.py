@@ -1,0 +1,435 @@
+"""Online RL: advantages and policy losses against hand computations, reward sources, prompt
+records (the world's and GSM8K's), the rollout engine's log-probs, one GRPO update, and the
+`grpo` stage of the tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from lmforge import experiments
+from lmforge.config import GRPOConfig, load_config
+from lmforge.data.prompts import read_prompts, to_prompt
+from lmforge.data.readers import DataError, SkipReport
+from lmforge.generate import generate, sample_completions
+from lmforge.losses import (
+    IGNORE_INDEX,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    rloo_advantages,
+    token_logprobs,
+)
+from lmforge.rewards import (
+    answer_value,
+    combined_reward,
+    final_answer,
+    format_reward,
+    length_reward,
+    steps_reward,
+    verifiable_reward,
+)
+from lmforge.rollout import Rollout, training_batch
+from lmforge.stages import grpo, ppo
+from lmforge.stages.grpo import policy_update
+from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
+from lmforge.world.arithmetic import problem_sets
+from lmforge.world.sft import rl_train, sft_eval_arithmetic
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TRAIN = GSM8K.with_name("train.jsonl")
+
+
+def close(got: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+# ---- advantages and losses --------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 2.0]])
+    # group 1: mean 0.5, std 0.5; group 2: all equal, no signal; group 3: mean 2, std sqrt(0.5)
+    s = math.sqrt(0.5)
+    expected = [[1.0, -1.0, -1.0, 1.0], [0.0] * 4, [1 / s, -1 / s, 0.0, 0.0]]
+    close(group_advantages(rewards), expected)
+    dr = [[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]]  # Dr. GRPO: no division
+    close(group_advantages(rewards, scale=False), dr)
+
+
+def test_rloo_advantages_leave_the_sample_out():
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [2.0, 4.0, 9.0]])
+    # 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5; 2 - (4+9)/2 = -4.5; 4 - 5.5 = -1.5; 9 - 3 = 6
+    expected = [[1.0, -0.5, -0.5], [-4.5, -1.5, 6.0]]
+    close(rloo_advantages(rewards), expected)
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(torch.ones(3, 1))
+
+
+def test_clipped_policy_loss_by_hand():
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.0]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0]])
+    logp = ratio.log().requires_grad_()
+    loss, clipped = clipped_policy_loss(logp, torch.zeros_like(logp), adv, clip_eps=0.2)
+    # A>0 caps the gain at 1.2; A<0 keeps the worse 1.5; ratio 0.5: A>0 keeps 0.5, A<0 -0.8
+    close(loss, [[-1.2, 1.5, -0.5, 0.8, -2.0]])
+    assert clipped.tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]
+    loss.sum().backward()
+    # a clipped token passes no gradient; elsewhere d(-rho A)/d logp = -rho A
+    close(logp.grad, [[0.0, 1.5, -0.5, 0.0, -2.0]])
+
+
+def test_k3_kl_by_hand_and_unbiased():
+    logp = torch.tensor([-1.0, -2.0])
+    assert k3_kl(logp, logp).tolist() == [0.0, 0.0]
+    # delta = ref - logp = 1: e - 1 - 1
+    assert k3_kl(torch.tensor([-2.0]), torch.tensor([-1.0])).item() == pytest.approx(math.e - 2)
+    # its mean over samples from p estimates KL(p || q)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    exact = (p * (p / q).log()).sum().item()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    estimate = k3_kl(p.log()[idx], q.log()[idx]).mean().item()
+    assert estimate == pytest.approx(exact, abs=0.01)
+    assert (k3_kl(p.log()[idx], q.log()[idx]) >= 0).all()
+
+
+def test_masked_mean_levels():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert masked_mean(values, mask, "token").item() == pytest.approx(10 / 4)
+    assert masked_mean(values, mask, "sequence").item() == pytest.approx((6 / 3 + 4) / 2)
+    assert masked_mean(values, mask, "constant").item() == pytest.approx(10 / 6)
+    assert masked_mean(values, torch.zeros_like(mask), "token").item() == 0.0
+    with pytest.raises(ValueError, match="token, sequence or constant"):
+        masked_mean(values, mask, "row")
+
+
+def test_token_logprobs_match_log_softmax_and_skip_ignored():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, IGNORE_INDEX, 4], [0, 2, IGNORE_INDEX]])
+    got = token_logprobs(logits, targets)
+    full = logits.log_softmax(-1)
+    assert got[0, 0].item() == pytest.approx(full[0, 0, 1].item(), abs=1e-6)
+    assert got[1, 1].item() == pytest.approx(full[1, 1, 2].item(), abs=1e-6)
+    assert got[0, 1].item() == 0.0 and got[1, 2].item() == 0.0
+
+
+# ---- rewards --------------------------------------------------------------------------------
+def test_final_answer_reads_answer_lines_and_gsm8k():
+    assert final_answer("6 × 7 = 42.\nAnswer: 42") == 42
+    assert final_answer("答案：-3") == -3
+    assert final_answer("She pays 2 * 3 = 6.\n#### 1,234") == 1234
+    assert final_answer("Answer: 5\nAnswer: 7") == 7  # the last one counts
+    assert final_answer("#### $2.50") == 2.5
+    assert final_answer("no answer here, 42") is None
+
+
+def test_answer_value_and_bad_answers():
+    assert answer_value(72) == 72.0 and answer_value("1,234") == 1234.0
+    assert answer_value("Natalia sold 48/2 = 24 clips.\n#### 72") == 72.0
+    for bad in ("many", True, None, [1]):
+        with pytest.raises(ValueError, match="not a number|could not convert"):
+            answer_value(bad)
+
+
+def test_reward_sources_by_hand():
+    record = {"answer": 27}
+    assert verifiable_reward(record, "7 × 4 = 28. 55 - 28 = 27.\nAnswer: 27") == 1.0
+    assert verifiable_reward(record, "Answer: 28") == 0.0
+    assert verifiable_reward(record, "27") == 0.0  # no answer line: not verifiable
+    assert steps_reward(record, "6 × 7 = 18. 5 × 7 = 35. 18 + 35 = 53.") == pytest.approx(2 / 3)
+    assert steps_reward(record, "12 ÷ 4 = 3。3 - 5 = -2。") == 1.0
+    assert steps_reward(record, "5 ÷ 0 = 0.") == 0.0 and steps_reward(record, "no steps") == 0.0
+    assert format_reward(record, "1 + 1 = 2.\nAnswer: 2") == 1.0
+    assert format_reward(record, "Answer: 2\nand more") == 0.0
+    assert length_reward(record, "x" * 300) == pytest.approx(-0.5)
+    assert length_reward(record, "x" * 100) == 0.0
+    both = combined_reward({"verifiable": 1.0, "steps": 0.5})
+    text = "7 × 4 = 28. 55 - 28 = 26.\nAnswer: 26"
+    assert both(record, text) == pytest.approx(0.0 + 0.5 * 0.5)
+    with pytest.raises(ValueError, match="unknown reward source"):
+        combined_reward({"vibes": 1.0})
+
+
+# ---- prompt records ---------------------------------------------------------------------------
+def test_prompt_records_of_both_formats_and_their_errors(tmp_path):
+    world = {"messages": [{"role": "user", "content": "2 + 2?"}], "answer": 4, "lang": "zh"}
+    gsm = {"question": "How many?", "answer": "3 + 4 = 7\n#### 7"}
+    assert to_prompt(world, "w")["answer"] == 4.0 and to_prompt(world, "w")["lang"] == "zh"
+    assert to_prompt(gsm, "g") == {
+        "messages": [{"role": "user", "content": "How many?"}],
+        "answer": 7.0,
+        "lang": "en",
+    }
+    path = tmp_path / "p.jsonl"
+    bad_answer = {"question": "q", "answer": "lots"}
+    ends_on_assistant = {"messages": [{"role": "assistant", "content": "hi"}], "answer": 1}
+    lines = [world, {"question": "q"}, bad_answer, ends_on_assistant, gsm]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: needs 'answer'"):
+        read_prompts(path)
+    skips = SkipReport()
+    kept = read_prompts(path, skips)
+    assert [p["answer"] for p in kept] == [4.0, 7.0]
+    assert [where.rsplit(":", 1)[1] for where, _ in skips.skipped] == ["2", "3", "4"]
+    assert "last message must be the user's" in skips.skipped[2][1]
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason=f"GSM8K not present at {GSM8K}")
+def test_real_gsm8k_test_split_reads_whole():
+    prompts = read_prompts(GSM8K)
+    assert len(prompts) == 1319
+    assert all(p["answer"] == int(p["answer"]) for p in prompts)  # GSM8K answers are whole
+    assert prompts[0]["answer"] == 18.0  # Janet's ducks
+
+
+def test_world_rl_prompts_are_the_training_pool_with_true_answers(world):
+    from lmforge.config import WorldConfig
+
+    cfg = WorldConfig()
+    train, held = rl_train(world, cfg), sft_eval_arithmetic(world, cfg)
+    assert len(train) == cfg.n_arithmetic * len(cfg.languages)
+    questions = {r["messages"][0]["content"] for r in train}
+    assert questions.isdisjoint(r["messages"][0]["content"] for r in held)
+    pool = {
+        p.question: p for lang in cfg.languages for p in problem_sets(world, cfg)[lang]["train"]
+    }
+    for r in train[::50]:
+        p = pool[r["messages"][0]["content"]]
+        assert r["answer"] == p.answer and verifiable_reward(r, p.answer_line()) == 1.0
+
+
+# ---- rollouts and the GRPO update ---------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_are_the_policy_s_own(make_model, temperature):
+    model = make_model(vocab_size=50, max_seq_len=64)
+    prompts = [[3, 4, 5], [7, 8]]
+    rows = sample_completions(
+        model, prompts, 12, temperature=temperature, stop_ids=[9], seed=1, with_logprobs=True
+    )
+    for prompt, c in zip(prompts, rows):
+        assert len(c.logprobs) == len(c.tokens) > 0
+        assert c.stopped == (c.tokens[-1] == 9) and (c.stopped or len(c.tokens) == 12)
+        ids = torch.tensor([prompt + c.tokens])
+        with torch.no_grad():
+            full = (model(ids)[0, len(prompt) - 1 : -1] / temperature).log_softmax(-1)
+        expected = full.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+        assert c.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+    # generate() is the same draw without the stop token
+    plain = generate(model, prompts, 12, temperature=temperature, stop_ids=[9], seed=1)
+    assert plain == [c.tokens[:-1] if c.stopped else c.tokens for c in rows]
+
+
+def test_training_batch_aligns_targets_with_the_recorded_logprobs(make_model):
+    model = make_model(vocab_size=50, max_seq_len=64)
+    prompts = [[3, 4, 5], [7, 8]]
+    rows = sample_completions(model, prompts, 6, seed=3, with_logprobs=True)
+    rollouts = [
+        Rollout(i, p, c.tokens, c.logprobs, "", not c.stopped)
+        for i, (p, c) in enumerate(zip(prompts, rows))
+    ]
+    x, y, old = training_batch(rollouts, pad_id=0)
+    mask = y != IGNORE_INDEX
+    assert mask.sum(1).tolist() == [len(c.tokens) for c in rows]
+    with torch.no_grad():
+        now = token_logprobs(model(x), y)
+    assert now[mask].tolist() == pytest.approx(old[mask].tolist(), abs=1e-4)
+    assert y[0][mask[0]].tolist() == rows[0].tokens
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, sign):
+    model = make_model(vocab_size=50, max_seq_len=64)
+    prompt = [3, 4, 5]
+    c = sample_completions(model, [prompt], 6, seed=0, with_logprobs=True)[0]
+    rollouts = [Rollout(0, prompt, c.tokens, c.logprobs, "", False)]
+    x, y, _ = training_batch(rollouts, pad_id=0)
+
+    def logp() -> float:
+        with torch.no_grad():
+            return token_logprobs(model(x), y).sum().item()
+
+    before = logp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    gc = GRPOConfig(iterations=2, minibatches=1)
+    figures = policy_update(
+        model, None, optimizer, rollouts, torch.tensor([sign]), gc, 0, torch.device("cpu")
+    )
+    assert (logp() - before) * sign > 0.01
+    assert figures["entropy"] > 0 and figures["kl"] == 0.0
+
+
+# ---- the stage --------------------------------------------------------------------------------
+def test_grpo_stage_of_the_tiny_pipeline(tiny_run):
+    s = json.loads((tiny_run / "grpo" / "summary.json").read_text())
+    assert 0.0 <= s["arith_accuracy_before"] <= 1.0 and 0.0 <= s["arith_accuracy"] <= 1.0
+    assert s["eval_prompts"] == 10 and s["steps"] == 6 and s["samples"] == 6 * 4 * 4
+    assert 0 <= s["skipped_groups"] <= s["groups"] == 24
+    assert s["rollout_seconds"] > 0 and s["train_seconds"] >= 0
+    records = [json.loads(x) for x in (tiny_run / "grpo" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert sum(r["skipped_groups"] for r in records) == s["skipped_groups"]
+    assert all(0.0 <= r["sample_accuracy"] <= 1.0 and r["reply_tokens"] > 0 for r in records)
+    assert (tiny_run / "grpo" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason=f"GSM8K not present at {GSM8K_TRAIN}")
+def test_grpo_runs_on_gsm8k_end_to_end(tiny_run):
+    overrides = [
+        f"grpo.data={GSM8K_TRAIN}",
+        f"grpo.eval_data={GSM8K}",
+        f"grpo.model={tiny_run / 'sft'}",
+        "grpo.steps=2",
+        "grpo.max_new_tokens=16",
+        "grpo.eval_prompts=8",
+    ]
+    s = grpo.run(load_config(Path(TINY), overrides), tiny_run, stage="grpo_gsm8k")
+    # the tiny model's 128-token context holds only the shortest questions; the rest are counted
+    assert s["prompts_too_long"] > 0 and s["eval_prompts_too_long"] > 0
+    assert s["steps"] == 2 and s["eval_prompts"] == 8 and s["eval_data"] == str(GSM8K)
+    assert 0.0 <= s["arith_accuracy"] <= 1.0  # near zero for a tiny model: only reported
+
+
+def test_gae_by_hand():
+    # one reply of 3 tokens after a 1-token prompt column, gamma 0.9, lambda 0.5
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[9.0, 0.5, 0.2, 0.4]])
+    mask = torch.tensor([[0, 1, 1, 1]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d3 = 1.0 - 0.4  # last token: no next value
+    d2 = 0.0 + 0.9 * 0.4 - 0.2
+    d1 = 0.0 + 0.9 * 0.2 - 0.5
+    a3, a2 = d3, d2 + 0.45 * d3
+    a1 = d1 + 0.45 * a2
+    close(adv, [[0.0, a1, a2, a3]])
+    close(ret, [[0.0, a1 + 0.5, a2 + 0.2, a3 + 0.4]])
+    # lambda 1, gamma 1: the return is the sum of the rewards still to come
+    _, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(ret, [[0.0, 1.0, 1.0, 1.0]])
+
+
+def test_clipped_value_loss_by_hand():
+    values = torch.tensor([1.0, 1.0, 0.0])
+    old = torch.tensor([0.0, 0.9, 0.0])
+    returns = torch.tensor([0.0, 2.0, 1.0])
+    # 1: clipped to 0.2, (1-0)^2 > 0.2^2 -> 0.5; 2: clip leaves 1.0 -> 0.5; 3: 0.5 * 1
+    close(clipped_value_loss(values, old, returns, clip_eps=0.2), [0.5, 0.5, 0.5])
+    # the max picks the clipped error when it is larger: V=1 from old 0, return 1
+    close(
+        clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]), 0.2),
+        [0.32],
+    )
+
+
+# ---- PPO ----------------------------------------------------------------------------------------
+def test_adaptive_kl_controller_by_hand():
+    assert adapt_kl(0.1, kl=6.0, target=6.0, replies=100, horizon=1000) == pytest.approx(0.1)
+    # twice the target: the error is clipped to +0.2, scaled by 100 / 1000 replies
+    assert adapt_kl(0.1, kl=12.0, target=6.0, replies=100, horizon=1000) == pytest.approx(0.102)
+    assert adapt_kl(0.1, kl=0.0, target=6.0, replies=100, horizon=1000) == pytest.approx(0.098)
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    mask = torch.tensor([[0, 1, 1, 1]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # predicting the mean explains nothing
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ppo_update_follows_the_score_and_fits_the_value(make_model, sign):
+    model = make_model(vocab_size=50, max_seq_len=64)
+    reference = make_model(vocab_size=50, max_seq_len=64)  # the same seed: the same weights
+    prompt = [3, 4, 5]
+    rows = sample_completions(model, [prompt] * 2, 6, seed=0, with_logprobs=True)
+    assert rows[0].tokens != rows[1].tokens
+    rollouts = [Rollout(0, prompt, c.tokens, c.logprobs, "", False) for c in rows]
+    scores = torch.tensor([sign, -sign])
+    x, y, _ = training_batch(rollouts, pad_id=0)
+
+    def logps() -> torch.Tensor:
+        with torch.no_grad():
+            return token_logprobs(model(x), y).sum(-1)
+
+    before = logps()
+    head = ValueHead(model.cfg.dim)
+    optimizer = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.05)
+    pc = load_config(Path(TINY)).ppo
+    cpu = torch.device("cpu")
+    first = ppo_update(
+        model, head, reference, optimizer, rollouts, scores, 0.0, pc, 0, cpu, None, 0
+    )
+    moved = logps() - before
+    # the better reply gains log-probability relative to the worse one
+    assert (moved[0] - moved[1]) * sign > 0.01
+    assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # sampled by the reference's twin
+    for _ in range(20):
+        last = ppo_update(
+            model, head, reference, optimizer, rollouts, scores, 0.0, pc, 0, cpu, None, 0
+        )
+    assert last["value_loss"] < first["value_loss"] / 2  # the value head learns the return
+
+
+def test_ppo_stage_of_the_tiny_pipeline(tiny_run):
+    s = json.loads((tiny_run / "ppo" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["reward_model"] == str(tiny_run / "rm" / "model")
+    assert 0.0 <= s["gold_score_before"] <= 8.0 and 0.0 <= s["gold_score"] <= 8.0
+    assert s["gold_score"] == s["gold_mean"] and s["kl_to_ref"] > 0.0
+    assert s["pretrain_loss_delta"] == pytest.approx(
+        s["pretrain_loss_after"] - s["pretrain_loss_before"], abs=2e-5
+    )
+    records = [json.loads(x) for x in (tiny_run / "ppo" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("score", "beta", "reply_tokens", "truncated", "rollout_seconds", "train_seconds"):
+        assert all(key in r for r in records), key
+    # a step whose replies were all truncated (excluded) updates nothing and says so
+    updated = [r for r in records if "kl" in r]
+    assert len(updated) == s["updates"] > 0
+    for key in ("entropy", "clip_fraction", "value_loss", "explained_variance"):
+        assert all(key in r for r in updated), key
+
+
+def test_ppo_ptx_trains_on_pretraining_text(tiny_run):
+    overrides = ["ppo.ptx_coef=1.0", "ppo.steps=2", "ppo.eval_prompts=4", "ppo.kl_prompts=2"]
+    s = ppo.run(load_config(Path(TINY), overrides), tiny_run, stage="ppo_ptx")
+    assert s["ptx_coef"] == 1.0 and "pretrain_loss_delta" in s
+    records = [json.loads(x) for x in (tiny_run / "ppo_ptx" / "metrics.jsonl").open()]
+    assert all(r["ptx_loss"] > 0 for r in records)
+
+
+def test_overoptimization_experiment_on_the_tiny_run(tiny_run):
+    overrides = [
+        "overoptimization.proxy_prompts=20",
+        "overoptimization.betas=[0.0, 0.1]",
+        "overoptimization.ppo_steps=4",
+        "overoptimization.eval_every=2",
+        "overoptimization.eval_prompts=4",
+        "ppo.probe_prompts=6",
+        "ppo.kl_prompts=2",
+    ]
+    report = experiments.overoptimization(load_config(Path(TINY), overrides), tiny_run)
+    out = tiny_run / experiments.NAME
+    assert report == json.loads((out / "report.json").read_text())
+    assert set(report["ppo"]) == {"PPO beta=0", "PPO beta=0.1"}
+    for points in report["ppo"].values():
+        assert [p["step"] for p in points] == [0, 2, 4]  # before training, every 2 steps, after
+        assert points[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # still the SFT model
+        assert all(0.0 <= p["gold"] <= 8.0 for p in points)
+    assert [p["n"] for p in report["best_of_n"]] == [1, 2, 4, 8, 16, 32, 64]
+    # best-of-N's KL is log N - (N-1)/N, and the proxy's pick scores higher with N
+    assert report["best_of_n"][0]["kl"] == 0.0
+    assert report["best_of_n"][-1]["kl"] == pytest.approx(math.log(64) - 63 / 64, abs=1e-4)
+    proxy = [p["proxy"] for p in report["best_of_n"]]
+    assert proxy == sorted(proxy) and proxy[-1] > proxy[0]
+    assert (out / "overoptimization.png").stat().st_size > 5000
+    assert "| PPO beta=0.1, step 4 |" in (out / "report.md").read_text()
