@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import OnlineRL
+from lmforge.eval.chat import chat_prompts
 from lmforge.generate import sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
@@ -49,13 +50,8 @@ def rollout(
     """`group_size` replies to each of records[i] for i in `indices`, in one batched call
     (grouped by prompt: the first G rows answer the first prompt). The token budget is cut
     to what the longest prompt leaves of the context."""
-    prompts = [
-        tokenizer.render_chat(records[i]["messages"], add_generation_prompt=True)[0]
-        for i in indices
-    ]
-    budget = min(max_new_tokens, policy.cfg.max_seq_len - max(len(p) for p in prompts))
-    if budget < 1:
-        raise ValueError(f"rollout: a prompt fills the model's context ({policy.cfg.max_seq_len})")
+    conversations = [records[i]["messages"] for i in indices]
+    prompts, budget = chat_prompts(policy, tokenizer, conversations, max_new_tokens)
     policy.eval()
     completions = sample_completions(
         policy,

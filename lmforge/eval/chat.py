@@ -38,6 +38,18 @@ FIGURES = (
 )
 
 
+def chat_prompts(
+    model: Transformer, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int
+) -> tuple[list[list[int]], int]:
+    """The conversations rendered for the assistant's turn, and the token budget they share:
+    max_new_tokens cut to what the longest prompt leaves of the model's context."""
+    prompts = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in conversations]
+    budget = min(max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in prompts))
+    if budget < 1:
+        raise ValueError(f"a prompt fills the model's context ({model.cfg.max_seq_len} tokens)")
+    return prompts, budget
+
+
 def reply(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -51,13 +63,8 @@ def reply(
     model.eval()
     out = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [
-            tokenizer.render_chat(m, add_generation_prompt=True)[0]
-            for m in conversations[i : i + batch_size]
-        ]
-        budget = min(max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in prompts))
-        if budget < 1:
-            raise ValueError(f"an eval prompt fills the model's context ({model.cfg.max_seq_len})")
+        batch = conversations[i : i + batch_size]
+        prompts, budget = chat_prompts(model, tokenizer, batch, max_new_tokens)
         rows = generate(
             model,
             prompts,

@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from lmforge.data.preferences import collate_completions
-from lmforge.eval.chat import reply
+from lmforge.eval.chat import chat_prompts, reply
 from lmforge.generate import generate
 from lmforge.losses import IGNORE_INDEX, sequence_logprobs
 from lmforge.model import Transformer
@@ -86,11 +86,8 @@ def sample_replies(
     budget is max_new_tokens cut to what the call's longest prompt leaves of the context."""
     out = []
     for start in range(0, len(conversations), prompts_per_call):
-        prompts = [
-            tokenizer.render_chat(m, add_generation_prompt=True)[0]
-            for m in conversations[start : start + prompts_per_call]
-        ]
-        budget = min(max_new_tokens, policy.cfg.max_seq_len - max(len(p) for p in prompts))
+        batch = conversations[start : start + prompts_per_call]
+        prompts, budget = chat_prompts(policy, tokenizer, batch, max_new_tokens)
         rows = generate(
             policy,
             [p for p in prompts for _ in range(k)],
