@@ -327,6 +327,58 @@ def experiment(
     typer.echo((out / experiments.NAME / "report.md").read_text(encoding="utf-8"))
 
 
+@app.command()
+def serve(
+    path: Path = typer.Argument(
+        ..., help="stage directory, model directory or Hugging Face export"
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="address to bind; beyond loopback a token is required"
+    ),
+    port: int = typer.Option(8000, min=0, max=65535),
+    token: str = typer.Option(
+        None, envvar="LMFORGE_TOKEN", help="access token the API requires (Authorization: Bearer)"
+    ),
+    db: Path = typer.Option(Path("feedback.sqlite3"), help="SQLite database of the feedback"),
+    name: str = typer.Option(None, help="model name in the API (default: the directory's name)"),
+    max_tokens: int = typer.Option(512, min=1, help="longest answer a request may ask for"),
+    max_body_bytes: int = typer.Option(262_144, min=1024, help="largest request body"),
+    max_batch: int = typer.Option(16, min=1, help="rows decoded together"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    access_log: bool = typer.Option(False, help="log every request"),
+) -> None:
+    """Serve a model: the feedback web app at /, and the OpenAI API at /v1."""
+    from lmforge.serve.app import Limits
+    from lmforge.serve.app import serve as run_server
+
+    limits = Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_k=min(8, max_batch))
+    try:
+        run_server(path, host, port, token, db, name, limits, max_batch, device, access_log)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+feedback_app = typer.Typer(
+    no_args_is_help=True, help="Human feedback collected by `lmforge serve`."
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    db: Path = typer.Option(Path("feedback.sqlite3"), help="the server's SQLite database"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the .jsonl files"),
+) -> None:
+    """Write judgements as pairs, rankings and KTO labels that rm, dpo and kto read."""
+    from lmforge.serve.store import export_feedback
+
+    try:
+        summary = export_feedback(db, out)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"wrote {out}: " + json.dumps(summary))
+
+
 def main() -> None:
     """Entry point: user errors print one clear line, not a stack trace."""
     try:

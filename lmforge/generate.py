@@ -8,7 +8,7 @@ possible sequence, and each decoding step runs the model on one new token per ro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,14 +86,25 @@ class Completion:
 
     tokens: list[int]
     logprobs: list[float]
-    stopped: bool  # ended on a stop token; False: cut at max_new_tokens (truncated)
+    stopped: bool  # ended on a stop token; False: cut at its token budget (truncated)
+
+
+@dataclass
+class Step:
+    """One decoding step over the batch: the token each row drew (pad for rows already
+    finished), its log-probability (with_logprobs only), and which rows are finished now."""
+
+    index: int
+    tokens: torch.Tensor  # (B,)
+    logprobs: torch.Tensor | None  # (B,)
+    done: torch.Tensor  # (B,) bool: stopped or out of budget after this step
 
 
 @torch.inference_mode()
-def sample_completions(
+def decode_steps(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -102,16 +113,21 @@ def sample_completions(
     seed: int | None = None,
     use_cache: bool = True,
     with_logprobs: bool = False,
-) -> list[Completion]:
-    """Continue each prompt by up to `max_new_tokens` tokens; a row ends at its first stop
-    token. With `with_logprobs`, each token's log-probability under the distribution it was
-    drawn from (softmax of logits / temperature, before top-k/top-p: with neither, exactly
-    the policy's at temperature 1) is recorded in the same pass; else `logprobs` is empty.
+) -> Iterator[Step]:
+    """Continue each prompt one token per step, yielding every step as it is decoded (for
+    streaming); a row finishes at its first stop token or when its own budget is spent
+    (`max_new_tokens`: one for all rows, or one per row). Stops when every row is finished.
 
+    With `with_logprobs`, each token's log-probability under the distribution it was drawn
+    from (softmax of logits / temperature, before top-k/top-p: with neither, exactly the
+    policy's at temperature 1) is computed in the same pass.
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    if len(budgets) != len(prompts) or min(budgets) < 1:
+        raise ValueError("generate: need one token budget >= 1 per prompt")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = None
@@ -119,26 +135,25 @@ def sample_completions(
         generator = torch.Generator(device=device).manual_seed(seed)
     ids, valid = _left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
-    total = T0 + max_new_tokens
-    if total > model.cfg.max_seq_len:
+    steps = max(budgets)
+    if T0 + steps > model.cfg.max_seq_len:
         raise ValueError(
-            f"generate: prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"generate: prompt ({T0}) + max_new_tokens ({steps}) exceeds "
             f"model.max_seq_len ({model.cfg.max_seq_len})"
         )
     padded = not bool(valid.all())
     # valid[b, s]: position s of row b holds a real token; grows by one column per step
-    valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    valid = torch.cat([valid, torch.ones(B, steps, dtype=torch.bool, device=device)], 1)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, total)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    last_step = torch.tensor(budgets, device=device) - 1  # (B,) a row's final step index
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), device=device)
 
-    cache = KVCache.empty(model.cfg, B, total, device, dtype) if use_cache else None
+    cache = KVCache.empty(model.cfg, B, T0 + steps, device, dtype) if use_cache else None
     seq = ids
     step_input, q_start = ids, 0
     with model.inference_layout():
-        for t in range(max_new_tokens):
+        for t in range(steps):
             q_end = T0 + t
             if not use_cache:
                 step_input, q_start = seq, 0
@@ -151,20 +166,44 @@ def sample_completions(
             )[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_id, nxt)
-            out[:, t] = nxt
+            logprobs = None
             if with_logprobs:
                 scaled = logits.float() / temperature if temperature > 0 else logits.float()
-                logprobs[:, t] = scaled.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
-            done |= torch.isin(nxt, stop)
+                logprobs = scaled.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+            done = done | torch.isin(nxt, stop) | (last_step <= t)
+            yield Step(t, nxt, logprobs, done)
             if bool(done.all()):
                 break
             seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
             step_input, q_start = nxt[:, None], q_end
+
+
+def sample_completions(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    stop_ids: Sequence[int] = (),
+    with_logprobs: bool = False,
+    **options: Any,
+) -> list[Completion]:
+    """Every prompt's whole continuation (`decode_steps` collected); keyword options as for
+    `decode_steps` (temperature, top_k, top_p, pad_id, seed, use_cache)."""
+    columns, logprob_columns = [], []
+    for step in decode_steps(
+        model, prompts, max_new_tokens, stop_ids=stop_ids, with_logprobs=with_logprobs, **options
+    ):
+        columns.append(step.tokens)
+        if with_logprobs:
+            logprob_columns.append(step.logprobs)
+    rows = torch.stack(columns, 1).tolist()
+    lp_rows = torch.stack(logprob_columns, 1).tolist() if with_logprobs else [[]] * len(rows)
+    budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else max_new_tokens
     results = []
-    for row, lps in zip(out.tolist(), logprobs.tolist()):
+    for row, lps, budget in zip(rows, lp_rows, budgets):
+        row = row[:budget]
         end = next((i + 1 for i, tok in enumerate(row) if tok in stop_ids), len(row))
-        stopped = end <= len(row) and row[end - 1] in stop_ids
-        results.append(Completion(row[:end], lps[:end] if with_logprobs else [], stopped))
+        stopped = row[end - 1] in stop_ids
+        results.append(Completion(row[:end], lps[:end], stopped))
     return results
 
 
@@ -172,6 +211,6 @@ def generate(
     model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options: Any
 ) -> list[list[int]]:
     """The new tokens of each prompt, without the stop token; keyword options as for
-    `sample_completions` (temperature, top_k, top_p, stop_ids, pad_id, seed, use_cache)."""
+    `decode_steps` (temperature, top_k, top_p, stop_ids, pad_id, seed, use_cache)."""
     rows = sample_completions(model, prompts, max_new_tokens, **options)
     return [c.tokens[:-1] if c.stopped else c.tokens for c in rows]

@@ -17,6 +17,7 @@ import torch
 from tokenizers import pre_tokenizers, trainers
 
 from lmforge.config import ModelConfig, WorldConfig
+from lmforge.io import save_model_dir
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, build_untrained, train_tokenizer
 from lmforge.world import build_world
@@ -122,6 +123,15 @@ def make_model(make_model_config):
         return Transformer(make_model_config(**overrides)).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory, tokenizer, make_model) -> Path:
+    """A tiny random chat model directory (the session tokenizer), for the server's tests."""
+    directory = tmp_path_factory.mktemp("model") / "served"  # served under the name "served"
+    model = make_model(vocab_size=tokenizer.vocab_size, max_seq_len=256)
+    save_model_dir(directory, model, tokenizer)
+    return directory
 
 
 # ---- Hugging Face (callers skip without transformers) -------------------------------------

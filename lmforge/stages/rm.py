@@ -265,12 +265,16 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
     world_eval = run_dir / "world" / "pref_eval.jsonl"
     if rc.data is None and world_eval.exists():
         eval_records = [json.loads(line) for line in world_eval.open(encoding="utf-8")]
-    else:  # outside data: every 1/val_fraction-th prompt is held out
+    else:  # outside data: every 1/val_fraction-th prompt is held out (the last, if fewer)
         every = round(1 / rc.val_fraction)
-        eval_groups = [g for i, g in enumerate(groups) if i % every == every - 1]
-        groups = [g for i, g in enumerate(groups) if i % every != every - 1]
+        held = {i for i in range(len(groups)) if i % every == every - 1} or {len(groups) - 1}
+        eval_groups = [g for i, g in enumerate(groups) if i in held]
+        groups = [g for i, g in enumerate(groups) if i not in held]
     if not groups:
-        raise ValueError(f"rm: no training pairs in {data_path}")
+        raise ValueError(
+            f"rm: no training pairs in {data_path} (it needs comparisons of 2 or more prompts: "
+            "one is held out for evaluation)"
+        )
     max_steps = planned_steps(rc, len(groups))
     console.print(
         f"rm: {len(groups)} training prompts ({sum(len(g) for g in groups)} pairs) from "

@@ -1,0 +1,1 @@
+"""Serving: the generation engine, the feedback store, and the web app with the OpenAI API."""

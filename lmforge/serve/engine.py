@@ -1,0 +1,182 @@
+"""The serving engine: one thread that owns the model and decodes concurrent requests together.
+
+Requests wait in a queue. The engine takes the oldest, gathers every waiting request that
+samples with the same settings (temperature, top-k, top-p, seed) into one batch of up to
+`max_batch` rows, and decodes them in one `decode_steps` loop, so that N concurrent users
+cost one forward pass per token instead of N. Each row's text is streamed back as it grows.
+Requests that arrive while a batch is decoding join the next one (static batching: simpler
+than continuous batching, and enough for a feedback app whose answers are short).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lmforge.generate import decode_steps
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What the engine reports about one row: new text, or its end."""
+
+    index: int  # the row within its request (0..n-1)
+    delta: str = ""
+    finish_reason: str | None = None  # "stop" | "length" when the row has ended
+    text: str = ""  # the whole text, with the end
+    tokens: int = 0  # completion tokens, with the end
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """n continuations of one prompt. `emit` is called from the engine thread for each Event."""
+
+    prompt: list[int]
+    n: int
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    stop_texts: tuple[str, ...] = ()  # OpenAI `stop`: the text ends before the first of them
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _Row:
+    """Incremental detokenisation of one row: text is emitted only once its bytes are whole,
+    and never past a stop text."""
+
+    def __init__(self, request: Request, index: int):
+        self.request, self.index = request, index
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.finished = False
+
+    def grow(self, tokenizer: Tokenizer, token: int | None, end_reason: str | None) -> None:
+        if token is not None:
+            self.tokens.append(token)
+        text = tokenizer.decode(self.tokens)
+        for stop in self.request.stop_texts:
+            if stop in text:
+                text, end_reason = text[: text.index(stop)], "stop"
+        if end_reason is None:
+            # hold back an incomplete UTF-8 character, and a tail that may begin a stop text
+            text = text.rstrip("\ufffd")
+            hold = max(
+                (
+                    k
+                    for s in self.request.stop_texts
+                    for k in range(1, len(s))
+                    if text.endswith(s[:k])
+                ),
+                default=0,
+            )
+            text = text[: len(text) - hold]
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.request.emit(Event(self.index, delta=text[len(self.sent) :]))
+            self.sent = text
+        if end_reason is not None:
+            self.finished = True
+            self.request.emit(
+                Event(self.index, finish_reason=end_reason, text=text, tokens=len(self.tokens))
+            )
+
+
+class Engine:
+    """Owns the model on one thread; `submit` is safe from any thread."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.stop_ids = [tokenizer.end_id, tokenizer.eos_id]
+        self.batches = 0  # decoded batches, and the rows in them: how much batching happened
+        self.rows = 0
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._waiting: list[Request] = []
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if request.n > self.max_batch:
+            raise ValueError(f"n={request.n} is more than the engine's batch ({self.max_batch})")
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _next_batch(self) -> list[Request] | None:
+        """The oldest waiting request and every other one that samples alike, up to max_batch rows."""
+        if not self._waiting:
+            first = self._queue.get()
+            if first is None:
+                return None
+            self._waiting.append(first)
+        while True:  # everything queued meanwhile joins the choice
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return None
+            self._waiting.append(item)
+        self._waiting = [r for r in self._waiting if not r.cancelled.is_set()]
+        if not self._waiting:
+            return []
+        key, rows, batch = self._waiting[0].sampling, 0, []
+        for r in self._waiting:
+            if r.sampling == key and rows + r.n <= self.max_batch:
+                batch.append(r)
+                rows += r.n
+        self._waiting = [r for r in self._waiting if r not in batch]
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                try:
+                    self._decode(batch)
+                except Exception as e:  # a failed batch must not take the server down
+                    for request in batch:
+                        request.emit(Event(0, error=f"generation failed: {e}"))
+
+    def _decode(self, batch: list[Request]) -> None:
+        rows = [_Row(r, i) for r in batch for i in range(r.n)]
+        prompts = [r.prompt for r in batch for _ in range(r.n)]
+        budgets = [r.max_tokens for r in batch for _ in range(r.n)]
+        s = batch[0].sampling
+        self.batches += 1
+        self.rows += len(rows)
+        steps = decode_steps(
+            self.model,
+            prompts,
+            budgets,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_ids=self.stop_ids,
+            pad_id=self.tokenizer.pad_id,
+            seed=s.seed,
+        )
+        for step in steps:
+            tokens, done = step.tokens.tolist(), step.done.tolist()
+            for row, token, finished in zip(rows, tokens, done):
+                if row.finished:
+                    continue
+                if token in self.stop_ids:
+                    row.grow(self.tokenizer, None, "stop")
+                else:
+                    row.grow(self.tokenizer, token, "length" if finished else None)
+            if all(row.finished or row.request.cancelled.is_set() for row in rows):
+                steps.close()
+                break
