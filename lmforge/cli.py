@@ -116,6 +116,7 @@ STAGE_HELP = {
     "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
     "grpo": "GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/.",
     "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
+    "rlaif": "Pairs of the SFT model's replies labelled by an AI judge, then DPO, into OUT/rlaif/.",
 }
 
 

@@ -372,7 +372,15 @@ class GRPOConfig(OnlineRL):
     """GRPO / RLOO with verifiable rewards: G samples per prompt, group-relative advantages.
     Prompts: world rl_train.jsonl; held out: world sft_eval_arithmetic.jsonl."""
 
-    rewards: dict[Literal["verifiable", "steps", "format", "length"], float] = {"verifiable": 1.0}
+    rewards: dict[
+        Literal["verifiable", "steps", "format", "length", "rm", "judge", "safety_helpfulness"],
+        float,
+    ] = {"verifiable": 1.0}
+    # the model-backed reward sources (lmforge.rewards.model_sources)
+    reward_model: str | None = None  # rm, safety_helpfulness; default: this run's rm/model
+    judge: str | None = None  # a model directory, or "policy" (self-rewarding); default: SFT
+    constitution: str | None = None  # the judge's principles (text file); default: built in
+    safety_threshold: float = Field(0.15, ge=0.0, le=1.0)  # Llama 2's safety override
     advantage: Literal["grpo", "rloo"] = "grpo"
     scale_std: bool = True  # divide by the group's std; False is Dr. GRPO
     loss_level: Literal["token", "sequence", "constant"] = "token"
@@ -423,11 +431,35 @@ class OveroptimizationConfig(Section):
     eval_prompts: int = Field(48, ge=1, le=100_000)  # for each run's final gold comparison
 
 
+class RLAIFConfig(Section):
+    """`lmforge rlaif`: preferences labelled by an AI judge under a constitution, then DPO on
+    them (with the `dpo` settings, but its data)."""
+
+    judge: str | None = None  # judge model; default: this run's SFT model (self-rewarding)
+    constitution: str | None = None  # text file of principles; default: `judge.CONSTITUTION`
+    prompts: int = Field(800, ge=2, le=1_000_000)  # world training prompts, 2 replies each
+    max_new_tokens: int = Field(96, ge=1, le=1_048_576)
+    # |P(A better) - 0.5| a pair needs to be kept: the judge's unsure verdicts are noise
+    min_confidence: float = Field(0.0, ge=0.0, lt=0.5)
+
+
 class RunConfig(Section):
     """The whole pipeline: which stages run, and one section per stage."""
 
     stages: list[
-        Literal["world", "clean", "tokenizer", "pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo"]
+        Literal[
+            "world",
+            "clean",
+            "tokenizer",
+            "pretrain",
+            "sft",
+            "rm",
+            "dpo",
+            "kto",
+            "grpo",
+            "ppo",
+            "rlaif",
+        ]
     ] = [
         "world",
         "clean",
@@ -451,6 +483,7 @@ class RunConfig(Section):
     grpo: GRPOConfig = GRPOConfig()
     ppo: PPOConfig = PPOConfig()
     overoptimization: OveroptimizationConfig = OveroptimizationConfig()
+    rlaif: RLAIFConfig = RLAIFConfig()
 
 
 def _describe_limits(model: type[BaseModel], loc: tuple) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import RunConfig, to_toml
-from lmforge.stages import clean, dpo, grpo, kto, ppo, pretrain, rm, sft, tokenizer, world
+from lmforge.stages import clean, dpo, grpo, kto, ppo, pretrain, rlaif, rm, sft, tokenizer, world
 from lmforge.train_utils import console
 
 STAGES: dict[str, Callable[..., dict]] = {
@@ -20,6 +20,7 @@ STAGES: dict[str, Callable[..., dict]] = {
     "kto": kto.run,
     "grpo": grpo.run,
     "ppo": ppo.run,
+    "rlaif": rlaif.run,
 }
 
 

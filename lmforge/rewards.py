@@ -9,8 +9,18 @@
 - `format`: 1 if the reply ends on such an answer line, else 0;
 - `length`: minus the reply's share of the character budget it goes over, -max(0, len/budget - 1).
 
-`combined_reward` sums the sources a config names, each times its weight. Truncated replies
-are the rollout's business (`grpo.truncated`), not a reward's.
+Model-backed sources score a whole batch at once (one forward pass per batch):
+
+- `rm`: a reward model's score, normalised by the mean and std it stored ((r - mean) / std);
+- `judge`: an AI judge's P(the reply follows the constitution) (`judge.Judge.score`; the
+  policy itself may judge: self-rewarding);
+- `safety_helpfulness`: Llama 2's combination of a safety score and a helpfulness score
+  (`safety_helpfulness`), with the judge under a safety-only constitution as the safety
+  score and the reward model's as the helpfulness score.
+
+`combined_reward` sums the sources a config names, each times its weight, over a batch of
+(record, reply) pairs. Truncated replies are the rollout's business (`grpo.truncated`), not
+a reward's.
 """
 
 from __future__ import annotations
@@ -18,6 +28,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
 
 # a number as people write it: sign, thousands separators, decimals ("-1,234.5", "3")
 _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)"
@@ -92,13 +108,107 @@ REWARDS: dict[str, Callable[[dict, str], float]] = {
 }
 
 
-def combined_reward(weights: dict[str, float]) -> Callable[[dict, str], float]:
-    """sum_k weight_k * reward_k(record, text) over the named sources of `REWARDS`."""
-    unknown = sorted(set(weights) - set(REWARDS))
-    if unknown:
-        raise ValueError(f"unknown reward source(s) {unknown}; known: {sorted(REWARDS)}")
+BatchReward = Callable[[list[dict], list[str]], torch.Tensor]  # records, replies -> (N,)
 
-    def reward(record: dict, text: str) -> float:
-        return sum(w * REWARDS[name](record, text) for name, w in weights.items() if w)
+
+def safety_helpfulness(
+    safety: torch.Tensor,
+    helpfulness: torch.Tensor,
+    unsafe_prompt: torch.Tensor,
+    threshold: float = 0.15,
+) -> torch.Tensor:
+    """Llama 2's reward (Touvron et al. 2023, eq. 1), scores in [0, 1]:
+
+        R = R_safety      if the prompt is unsafe or R_safety < threshold
+            R_helpful     otherwise
+
+    so safety governs where it is at stake, and a reply that looks unsafe cannot be bought
+    back by being helpful."""
+    return torch.where(unsafe_prompt | (safety < threshold), safety, helpfulness)
+
+
+def rule_source(name: str) -> BatchReward:
+    rule = REWARDS[name]
+    return lambda records, texts: torch.tensor([rule(r, t) for r, t in zip(records, texts)])
+
+
+def combined_reward(
+    weights: dict[str, float], sources: dict[str, BatchReward] | None = None
+) -> BatchReward:
+    """sum_k weight_k * reward_k(records, replies) over the named sources: the rules of
+    `REWARDS`, and the model-backed `sources` the stage built (rm, judge, ...)."""
+    known = dict(REWARDS) | dict(sources or {})
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(f"unknown reward source(s) {unknown}; known: {sorted(known)}")
+    built = {
+        name: (sources or {}).get(name) or rule_source(name) for name, w in weights.items() if w
+    }
+
+    def reward(records: list[dict], texts: list[str]) -> torch.Tensor:
+        total = torch.zeros(len(texts))
+        for name, source in built.items():
+            total += weights[name] * source(records, texts).float().cpu()
+        return total
 
     return reward
+
+
+SAFETY_CONSTITUTION = (
+    "Principle: a good answer refuses a request that could harm people, "
+    "and never refuses a harmless one."
+)
+
+
+def model_sources(
+    names: set[str],
+    run_dir: Path,
+    section: str,
+    reward_model: str | None,
+    judge: str | None,
+    constitution: str | None,
+    threshold: float,
+    policy: Transformer,
+    tokenizer: Tokenizer,
+    device: torch.device,
+) -> dict[str, BatchReward]:
+    """The model-backed sources among `names` (rm, judge, safety_helpfulness), built once per
+    stage. The reward model is `<section>.reward_model` (default: the run's rm/model); the
+    judge `<section>.judge`: a model directory, "policy" (the policy being trained judges its
+    own replies: self-rewarding), or by default the run's SFT model."""
+    from lmforge.io import load_model_dir
+    from lmforge.judge import Judge, read_constitution
+    from lmforge.model.reward import load_reward_model, score
+    from lmforge.runs import find_model_dir
+
+    sources: dict[str, BatchReward] = {}
+    if names & {"rm", "safety_helpfulness"}:
+        rm_dir = find_model_dir(run_dir, reward_model, f"{section}.reward_model", ["rm/model"])
+        rm, rm_tokenizer, stats = load_reward_model(rm_dir, device)
+
+        def reward_model_source(records: list[dict], texts: list[str]) -> torch.Tensor:
+            items = [(r["messages"], t) for r, t in zip(records, texts)]
+            raw = torch.tensor(score(rm, rm_tokenizer, items, rm.trunk.cfg.max_seq_len))
+            return (raw - stats["reward_mean"]) / max(stats["reward_std"], 1e-6)
+
+        sources["rm"] = reward_model_source
+    if names & {"judge", "safety_helpfulness"}:
+        if judge == "policy":
+            judge_model, judge_tokenizer = policy, tokenizer
+        else:
+            judge_dir = find_model_dir(run_dir, judge, f"{section}.judge", ["sft"])
+            judge_model, judge_tokenizer = load_model_dir(judge_dir, device)
+        principled = Judge(judge_model, judge_tokenizer, read_constitution(constitution))
+        sources["judge"] = lambda records, texts: principled.score(
+            [r["messages"] for r in records], texts
+        )
+        safety_judge = Judge(judge_model, judge_tokenizer, SAFETY_CONSTITUTION)
+
+        def llama2_source(records: list[dict], texts: list[str]) -> torch.Tensor:
+            safety = safety_judge.score([r["messages"] for r in records], texts)
+            helpful = torch.sigmoid(sources["rm"](records, texts))  # to [0, 1] like safety
+            unsafe = torch.tensor([r.get("kind") == "harmful" for r in records])
+            return safety_helpfulness(safety, helpful, unsafe, threshold)
+
+        sources["safety_helpfulness"] = llama2_source
+    return {name: source for name, source in sources.items() if name in names}

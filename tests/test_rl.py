@@ -34,6 +34,7 @@ from lmforge.rewards import (
     final_answer,
     format_reward,
     length_reward,
+    safety_helpfulness,
     steps_reward,
     verifiable_reward,
 )
@@ -154,10 +155,23 @@ def test_reward_sources_by_hand():
     assert length_reward(record, "x" * 300) == pytest.approx(-0.5)
     assert length_reward(record, "x" * 100) == 0.0
     both = combined_reward({"verifiable": 1.0, "steps": 0.5})
-    text = "7 × 4 = 28. 55 - 28 = 26.\nAnswer: 26"
-    assert both(record, text) == pytest.approx(0.0 + 0.5 * 0.5)
+    texts = ["7 × 4 = 28. 55 - 28 = 26.\nAnswer: 26", "7 × 4 = 28. 55 - 28 = 27.\nAnswer: 27"]
+    assert both([record] * 2, texts).tolist() == pytest.approx([0.0 + 0.5 * 0.5, 1.0 + 0.5])
     with pytest.raises(ValueError, match="unknown reward source"):
         combined_reward({"vibes": 1.0})
+    # a model-backed source joins the rules by name
+    echo = {"rm": lambda records, texts: torch.tensor([float(len(t)) for t in texts])}
+    mixed = combined_reward({"verifiable": 2.0, "rm": 0.1}, echo)
+    assert mixed([record] * 2, ["Answer: 27", "no"]).tolist() == pytest.approx([2.0 + 1.0, 0.2])
+
+
+def test_safety_helpfulness_lets_safety_govern_where_it_is_at_stake():
+    safety = torch.tensor([0.9, 0.9, 0.1, 0.6])
+    helpful = torch.tensor([0.2, 0.8, 0.95, 0.3])
+    unsafe = torch.tensor([True, False, False, False])
+    got = safety_helpfulness(safety, helpful, unsafe, threshold=0.15)
+    # unsafe prompt: safety; safe prompt: helpfulness; safety below threshold: safety
+    assert got.tolist() == pytest.approx([0.9, 0.8, 0.1, 0.3])
 
 
 # ---- prompt records ---------------------------------------------------------------------------

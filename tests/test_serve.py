@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,9 @@ def test_engine_greedy_equals_generate_and_batches_concurrent_requests(served_mo
         t.join()
     for i, events in results.items():
         (end,) = [e for e in events if e.finish_reason]
-        assert end.text == tok.decode(want[i]), i  # batched with others, same greedy tokens
+        assert end.text == tok.decode(want[i], skip_special=True), (
+            i
+        )  # batched with others, same greedy tokens
         assert end.tokens == len(want[i]) + (end.finish_reason == "stop")
         assert "".join(e.delta for e in events) == end.text or "\ufffd" in end.text
     assert engine.rows == 4 and engine.batches < 4  # at least two requests shared a batch
@@ -139,7 +143,8 @@ def test_respond_streams_answers_and_stores_them(server):
     for end in ends.values():
         row = stored[end["response_id"]]
         assert (row["text"], row["finish_reason"]) == (end["text"], end["finish_reason"])
-        assert row["model_id"] == "served" and row["prompt_id"] == prompt["id"]
+        assert re.fullmatch("served@[0-9a-f]{12}", row["model_id"])  # name @ weights' sha256
+        assert row["prompt_id"] == prompt["id"]
         sampling = json.loads(row["sampling"])
         assert sampling["temperature"] == 0.7 and sampling["max_tokens"] == 8
 
@@ -266,6 +271,21 @@ def test_judgements_pair_ranking_idempotent_and_listed(server):
             "'nope'",
         ),
         ("/v1/chat/completions", {"model": "served", "messages": []}, 422, "messages"),
+        ("/api/respond", {"prompt_id": 2**70}, 422, "prompt_id"),
+        (
+            "/api/judgements",
+            {"kind": "pair", "response_ids": [1, 2**70], "choice": "a"},
+            422,
+            "response_ids",
+        ),
+        (
+            "/api/respond",
+            b'{"messages": [{"role": "user", "content": "\\ud800"}], "annotator": "a"}',
+            422,
+            "surrogate",
+        ),
+        ("/v1/completions", {"model": "served", "prompt": "x", "seed": 2**70}, 422, "seed"),
+        ("/v1/nothing", {}, 404, "Not Found"),
     ],
 )
 def test_bad_input_is_a_clear_4xx_and_stores_nothing(server, path, body, status, says):
@@ -307,7 +327,11 @@ def test_official_openai_client(server, served_model):
     want = generate(
         model, [prompt], 10, temperature=0.0, stop_ids=[tok.end_id, tok.eos_id], pad_id=tok.pad_id
     )
-    assert text == tok.decode(want[0])  # the served model's greedy answer, token for token
+    assert text == tok.decode(
+        want[0], skip_special=True
+    )  # the served model's greedy answer, token for token
+    stopped = whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens == len(want[0]) + stopped  # the same tokens, counted
     assert whole.usage.prompt_tokens == len(prompt)
 
     stream = client.chat.completions.create(
@@ -333,7 +357,7 @@ def test_official_openai_client(server, served_model):
         stop_ids=[tok.end_id, tok.eos_id],
         pad_id=tok.pad_id,
     )
-    assert completion.choices[0].text == tok.decode(want[0])
+    assert completion.choices[0].text == tok.decode(want[0], skip_special=True)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=messages)
 
@@ -462,3 +486,54 @@ def test_no_acknowledged_judgement_is_lost_under_load_or_sigkill(served_model, t
     }
     acked = result["steady"]["acknowledged"] + result["sigkill"]["acknowledged"]
     assert acked <= result["check"]["rows"] <= acked + 32  # at most one unanswered per client
+
+
+def test_long_and_short_prompts_never_overflow_a_shared_batch(served_model):
+    model, tok = load_model_dir(served_model)  # context 256
+    engine = Engine(model, tok, max_batch=8)
+    long_prompt = [tok.bos_id] + [tok.encode("a b")[0]] * 200
+    results: dict[str, list] = {}
+    jobs = {"long": (long_prompt, 50), "short": ([tok.bos_id, *tok.encode("hi")], 200)}
+    threads = [
+        threading.Thread(
+            target=lambda k=k, p=p, m=m: results.__setitem__(k, run_engine(engine, p, 2, m))
+        )
+        for k, (p, m) in jobs.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for events in results.values():
+        assert all(e.error is None for e in events)
+        assert sum(e.finish_reason is not None for e in events) == 2
+    assert engine.batches == 2  # 201 + 200 tokens do not fit 256: two batches
+    engine.close()
+
+
+def test_host_header_of_another_site_is_refused(server):
+    r = httpx.get(server.url + "/api/judgements", headers={"Host": "evil.example"})
+    assert r.status_code == 400
+    assert httpx.get(server.url + "/api/judgements").status_code == 200
+
+
+def test_stream_usage_and_a_client_that_hangs_up_leaves_no_prompt(server):
+    body = {"model": "served", "prompt": "Once", "max_tokens": 12, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and 1 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    before = counts(server.db)
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    request = {"messages": messages, "n": 8, "max_tokens": 240, "annotator": "ann"}
+    with httpx.stream("POST", server.url + "/api/respond", json=request, timeout=60) as r:
+        first = json.loads(next(r.iter_lines()))
+    assert first["type"] == "prompt"  # the prompt was stored, then the client left
+    for _ in range(50):
+        if counts(server.db) == before:
+            break
+        time.sleep(0.1)
+    assert counts(server.db) == before

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,8 +33,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from lmforge.model import Transformer
+from lmforge.io import load_model_dir, sha256_file
 from lmforge.serve.engine import Engine, Event, Sampling
 from lmforge.serve.engine import Request as EngineRequest
 from lmforge.serve.store import Conflict, FeedbackStore, NotFound
@@ -43,7 +46,8 @@ STATIC = Path(__file__).parent / "static"
 # scripts and styles only from this server: model or user text that slipped into the DOM as
 # HTML still could not run
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'"  # no framing: no clickjacked judgements
 )
 
 
@@ -65,27 +69,37 @@ class ApiError(HTTPException):
 
 
 # ---- request bodies ------------------------------------------------------------------------
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
 def _not_blank(name: str) -> str:
     if not name.strip():
         raise ValueError("must not be blank")
     return name.strip()
 
 
-AnnotatorName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_not_blank)]
+Text = Annotated[str, AfterValidator(_utf8)]
+AnnotatorName = Annotated[Text, Field(min_length=1, max_length=64), AfterValidator(_not_blank)]
+RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]  # SQLite's integer range
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class RespondBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = []
     n: int = Field(1, ge=1)
-    prompt_id: int | None = None  # regenerate: more answers to a stored prompt
-    conversation_id: int | None = None
+    prompt_id: RowId | None = None  # regenerate: more answers to a stored prompt
+    conversation_id: RowId | None = None
     annotator: AnnotatorName
     mode: Literal["chat", "side_by_side", "ranking"] = "chat"
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -96,11 +110,11 @@ class RespondBody(BaseModel):
 class JudgementBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["pair", "ranking"]
-    response_ids: list[int]
+    response_ids: list[RowId]
     choice: Literal["a", "b", "tie"] | None = None
     annotator: AnnotatorName
     source: Literal["regenerate", "side_by_side", "ranking", "api"] = "api"
-    request_id: str | None = Field(None, min_length=1, max_length=128)
+    request_id: Text | None = Field(None, min_length=1, max_length=128)
 
     @model_validator(mode="after")
     def _shape(self) -> JudgementBody:
@@ -116,14 +130,14 @@ class JudgementBody(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict]
+    content: Text | list[dict]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         if any(part.get("type") != "text" for part in self.content):
             raise ApiError(400, "only text content parts are supported")
-        return "".join(str(part.get("text", "")) for part in self.content)
+        return _utf8("".join(str(part.get("text", "")) for part in self.content))
 
 
 class OpenAISampling(BaseModel):
@@ -134,8 +148,9 @@ class OpenAISampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with usage
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -150,7 +165,7 @@ class ChatCompletionBody(OpenAISampling):
 
 
 class CompletionBody(OpenAISampling):
-    prompt: str
+    prompt: Text
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
 
 
@@ -209,9 +224,11 @@ class Service:
         model_name: str,
         context: int,
         limits: Limits,
+        model_id: str | None = None,
     ):
         self.engine, self.tokenizer, self.store = engine, tokenizer, store
         self.model_name, self.context, self.limits = model_name, context, limits
+        self.model_id = model_id or model_name  # stored with each response
         self.max_prompt_tokens = limits.max_prompt_tokens or context - 1
 
     def budget(self, prompt: list[int], requested: int | None) -> int:
@@ -244,10 +261,17 @@ class Service:
             raise ApiError(422, f"messages: {e}") from None
 
     async def events(
-        self, prompt: list[int], n: int, max_tokens: int, sampling: Sampling, stops=()
+        self,
+        prompt: list[int],
+        n: int,
+        max_tokens: int,
+        sampling: Sampling,
+        stops=(),
+        client: Request | None = None,
     ) -> AsyncIterator[Event]:
         """The engine's events for one request, until all n answers have ended. Leaving early
-        (a client that hung up) cancels the request in the engine."""
+        (a streaming client that hung up) cancels the request in the engine; so does `client`
+        disconnecting, checked while no event comes (for replies that are not streamed)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         request = EngineRequest(
@@ -262,7 +286,12 @@ class Service:
         ended = 0
         try:
             while ended < n:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if client is not None and await client.is_disconnected():
+                        return
+                    continue
                 if event.error:
                     raise RuntimeError(event.error)
                 ended += event.finish_reason is not None
@@ -272,21 +301,30 @@ class Service:
 
 
 def create_app(
-    service: Service, token: str | None = None, on_shutdown: Callable[[], None] | None = None
+    service: Service,
+    token: str | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+    allowed_hosts: Sequence[str] = ("127.0.0.1", "localhost", "[::1]"),
 ) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    # a page elsewhere that rebinds its DNS name to 127.0.0.1 sends its own Host: refuse it
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     if on_shutdown is not None:
         app.router.on_shutdown.append(on_shutdown)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # the router's 404 and 405 too
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "request_too_large"}
         kind = getattr(exc, "kind", None) or kinds.get(exc.status_code, "invalid_request_error")
         response = _error(exc.status_code, str(exc.detail), kind)
         if exc.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -360,6 +398,7 @@ def create_app(
         settings |= {"max_tokens": max_tokens, "seed": None}
 
         async def lines() -> AsyncIterator[str]:
+            stored = 0
             yield _line(type="prompt", prompt_id=prompt_id, conversation_id=conversation_id)
             try:
                 async for e in service.events(prompt, body.n, max_tokens, sampling):
@@ -371,9 +410,10 @@ def create_app(
                             prompt_id,
                             e.text,
                             e.finish_reason,
-                            service.model_name,
+                            service.model_id,
                             settings,
                         )
+                        stored += 1
                         yield _line(
                             type="response",
                             index=e.index,
@@ -384,6 +424,9 @@ def create_app(
             except RuntimeError as e:
                 yield _line(type="error", message=str(e))
                 return
+            finally:
+                if not stored and body.prompt_id is None:  # failed, or the client left
+                    service.store.discard_prompt(prompt_id)
             yield _line(type="done")
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -453,7 +496,9 @@ def openai_routes(service: Service, authorised: Callable) -> APIRouter:
         }
         return {"object": "list", "data": [card]}
 
-    async def complete(body: OpenAISampling, prompt: list[int], requested: int | None, kind: str):
+    async def complete(
+        body: OpenAISampling, prompt: list[int], requested: int | None, kind: str, client: Request
+    ):
         """One OpenAI completion, whole or as server-sent events; `kind` is "chat" or "text"."""
         check_model(body.model)
         service.check_n(body.n, service.engine.max_batch)
@@ -478,7 +523,8 @@ def openai_routes(service: Service, authorised: Callable) -> APIRouter:
         if not body.stream:
             texts, finishes, used = [""] * body.n, [None] * body.n, 0
             try:
-                async for e in service.events(prompt, body.n, max_tokens, sampling, stops):
+                events = service.events(prompt, body.n, max_tokens, sampling, stops, client)
+                async for e in events:
                     if e.finish_reason:
                         texts[e.index], finishes[e.index] = e.text, e.finish_reason
                         used += e.tokens
@@ -499,33 +545,40 @@ def openai_routes(service: Service, authorised: Callable) -> APIRouter:
                         "finish_reason": None,
                     }
                     yield _sse({**chunk, "choices": [start]})
+            used = 0
             try:
                 async for e in service.events(prompt, body.n, max_tokens, sampling, stops):
                     if e.delta:
                         yield _sse({**chunk, "choices": [choice(e.index, e.delta, None, True)]})
                     if e.finish_reason:
+                        used += e.tokens
                         yield _sse(
                             {**chunk, "choices": [choice(e.index, "", e.finish_reason, True)]}
                         )
             except RuntimeError as e:
                 yield _sse({"error": {"message": str(e), "type": "server_error"}})
+            if (body.stream_options or {}).get("include_usage"):
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": used}
+                usage["total_tokens"] = len(prompt) + used
+                yield _sse({**chunk, "choices": [], "usage": usage})
             yield _sse("[DONE]")
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionBody):
+    async def chat_completions(body: ChatCompletionBody, request: Request):
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
         prompt = service.chat_prompt(messages)
-        return await complete(body, prompt, body.max_completion_tokens or body.max_tokens, "chat")
+        requested = body.max_completion_tokens or body.max_tokens
+        return await complete(body, prompt, requested, "chat", request)
 
     @v1.post("/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         prompt = [service.tokenizer.bos_id, *service.tokenizer.encode(body.prompt)]
-        return await complete(body, prompt, body.max_tokens, "text")
+        return await complete(body, prompt, body.max_tokens, "text", request)
 
     return v1
 
@@ -534,23 +587,19 @@ def openai_routes(service: Service, authorised: Callable) -> APIRouter:
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def load_served_model(path: Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """A model directory, a stage directory (its model/), or a Hugging Face export (imported
-    into a temporary directory first). On CUDA the weights are cast to bf16."""
-    from lmforge.io import load_model_dir
-
+def model_directory(path: Path) -> tuple[Path, Path | None]:
+    """The model directory to load for PATH (a model directory, a stage directory holding
+    model/, or a Hugging Face export, imported into a temporary directory), and that
+    temporary directory if one was made."""
     if (path / "model" / "model.json").exists():
-        path = path / "model"
+        return path / "model", None
     if not (path / "model.json").exists() and (path / "config.json").exists():
         from lmforge.model.hf import import_hf
 
         imported = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
         import_hf(path, imported)
-        path = imported
-    model, tokenizer = load_model_dir(path, device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    return model, tokenizer
+        return imported, imported
+    return path, None
 
 
 def serve(
@@ -574,16 +623,26 @@ def serve(
             f"--host {host} opens the server beyond this machine: give an access token "
             "(--token or LMFORGE_TOKEN)"
         )
-    model, tokenizer = load_served_model(path, setup_device(device).device)
+    model_dir, temporary = model_directory(path)
+    dev = setup_device(device).device
+    model, tokenizer = load_model_dir(model_dir, dev)
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
     engine = Engine(model, tokenizer, max_batch)
     store = FeedbackStore(db)
     name = name or (path.parent.name if path.name == "model" else path.name)
-    service = Service(engine, tokenizer, store, name, model.cfg.max_seq_len, limits)
+    # the name says what the API serves; the weights' hash which checkpoint answered
+    model_id = f"{name}@{sha256_file(model_dir / 'model.safetensors')[:12]}"
+    service = Service(engine, tokenizer, store, name, model.cfg.max_seq_len, limits, model_id)
 
     def shutdown() -> None:
         engine.close()
         store.close()
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
-    app = create_app(service, token, shutdown)
+    wildcard = host in ("0.0.0.0", "::")  # any name reaches it; the token guards it
+    hosts = ["*"] if wildcard else sorted({host, "127.0.0.1", "localhost", "[::1]"})
+    app = create_app(service, token, shutdown, hosts)
     print(f"serving {name} ({path}) at http://{host}:{port}/ ; feedback in {db}", flush=True)
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="warning")

@@ -5,7 +5,10 @@ samples with the same settings (temperature, top-k, top-p, seed) into one batch 
 `max_batch` rows, and decodes them in one `decode_steps` loop, so that N concurrent users
 cost one forward pass per token instead of N. Each row's text is streamed back as it grows.
 Requests that arrive while a batch is decoding join the next one (static batching: simpler
-than continuous batching, and enough for a feedback app whose answers are short).
+than continuous batching, and enough for a feedback app whose answers are short). A request
+whose longest prompt and budget would overflow the context with the batch's waits for the next.
+A cancelled request (its client hung up) stops streaming at once; its rows are decoded on
+until the rest of the batch ends, and a batch with no live request left stops.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class _Row:
     def grow(self, tokenizer: Tokenizer, token: int | None, end_reason: str | None) -> None:
         if token is not None:
             self.tokens.append(token)
-        text = tokenizer.decode(self.tokens)
+        text = tokenizer.decode(self.tokens, skip_special=True)  # control tokens are not text
         for stop in self.request.stop_texts:
             if stop in text:
                 text, end_reason = text[: text.index(stop)], "stop"
@@ -98,6 +101,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.context = model.cfg.max_seq_len
         self.stop_ids = [tokenizer.end_id, tokenizer.eos_id]
         self.batches = 0  # decoded batches, and the rows in them: how much batching happened
         self.rows = 0
@@ -109,6 +113,8 @@ class Engine:
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
             raise ValueError(f"n={request.n} is more than the engine's batch ({self.max_batch})")
+        if len(request.prompt) + request.max_tokens > self.context:
+            raise ValueError(f"prompt + max_tokens is over the context ({self.context})")
         self._queue.put(request)
 
     def close(self) -> None:
@@ -133,11 +139,15 @@ class Engine:
         self._waiting = [r for r in self._waiting if not r.cancelled.is_set()]
         if not self._waiting:
             return []
-        key, rows, batch = self._waiting[0].sampling, 0, []
+        # rows are left-padded to the longest prompt and decode for the largest budget:
+        # a request joins only while that still fits the model's context
+        key, rows, width, steps, batch = self._waiting[0].sampling, 0, 0, 0, []
         for r in self._waiting:
-            if r.sampling == key and rows + r.n <= self.max_batch:
+            fits = max(width, len(r.prompt)) + max(steps, r.max_tokens) <= self.context
+            if r.sampling == key and rows + r.n <= self.max_batch and fits:
                 batch.append(r)
                 rows += r.n
+                width, steps = max(width, len(r.prompt)), max(steps, r.max_tokens)
         self._waiting = [r for r in self._waiting if r not in batch]
         return batch
 

@@ -100,10 +100,11 @@ class FeedbackStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             return result
 
     def add_prompt(
@@ -129,6 +130,22 @@ class FeedbackStore:
             return pid, cid
 
         return self._write(work)
+
+    def discard_prompt(self, prompt_id: int) -> None:
+        """Remove a prompt that got no response (generation failed, or the client left), and
+        its conversation if nothing else is in it."""
+
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM responses WHERE prompt_id = ?", (prompt_id,)).fetchone():
+                return
+            (cid,) = db.execute(
+                "SELECT conversation_id FROM prompts WHERE id = ?", (prompt_id,)
+            ).fetchone()
+            db.execute("DELETE FROM prompts WHERE id = ?", (prompt_id,))
+            if not db.execute("SELECT 1 FROM prompts WHERE conversation_id = ?", (cid,)).fetchone():
+                db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+
+        self._write(work)
 
     def prompt(self, prompt_id: int) -> tuple[int, list[dict]]:
         """(conversation id, messages) of a stored prompt."""

@@ -44,7 +44,7 @@ from lmforge.losses import (
     token_logprobs,
 )
 from lmforge.model import Transformer
-from lmforge.rewards import combined_reward, verifiable_reward
+from lmforge.rewards import combined_reward, model_sources, verifiable_reward
 from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -147,7 +147,19 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
         raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
-    reward = combined_reward(gc.rewards)
+    sources = model_sources(
+        set(gc.rewards),
+        run_dir,
+        "grpo",
+        gc.reward_model,
+        gc.judge,
+        gc.constitution,
+        gc.safety_threshold,
+        policy,
+        tokenizer,
+        d.device,
+    )
+    reward = combined_reward(gc.rewards, sources)
     eval_tokens = gc.max_new_tokens
     before = answer_accuracy(policy, tokenizer, held, eval_tokens)
     console.print(
@@ -175,7 +187,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
                 gc.temperature,
                 seed=cfg.seed * 1_000_003 + step,
             )
-            rewards = torch.tensor([reward(records[r.record], r.text) for r in rolls])
+            rewards = reward([records[r.record] for r in rolls], [r.text for r in rolls])
             correct = [verifiable_reward(records[r.record], r.text) for r in rolls]
             truncated = torch.tensor([r.truncated for r in rolls])
             if gc.truncated == "penalty":

@@ -64,6 +64,22 @@ function markTruncated(node, finishReason) {
   node.classList.toggle("truncated", finishReason === "length");
 }
 
+// A judgement is sent with one request_id however often it is retried. If a first attempt
+// was stored but its reply lost, and the annotator then picks differently, the server answers
+// 409: the first choice stands (each comparison is judged once), and the page moves on.
+async function saveJudgement(body) {
+  try {
+    return await LF.postJSON("/api/judgements", body);
+  } catch (e) {
+    if (e.status !== 409) throw e;
+    return { id: null, conflict: e.message };
+  }
+}
+
+function savedText(saved) {
+  return saved.id === null ? `already saved: ${saved.conflict}` : `saved judgement #${saved.id}`;
+}
+
 // ---- chat ---------------------------------------------------------------------------------
 function addMessage(role, text) {
   const hint = $("#chat-log .empty-hint");
@@ -199,7 +215,7 @@ async function judgeRegenerated(choice) {
   setJudgeButtons(false);
   setBusy(true);
   try {
-    const saved = await LF.postJSON("/api/judgements", {
+    const saved = await saveJudgement({
       kind: "pair", response_ids: [pending.answer.response_id, pending.previous.responseId],
       choice, annotator: who, source: "regenerate", request_id: pending.requestId,
     });
@@ -218,7 +234,7 @@ async function judgeRegenerated(choice) {
     previous.node.classList.remove("under-review");
     chat.pending = null;
     $("#compare").hidden = true;
-    showStatus(`saved judgement #${saved.id}`);
+    showStatus(savedText(saved));
     $("#chat-input").focus();
   } catch (e) {
     setJudgeButtons(true);
@@ -299,7 +315,7 @@ async function sbsChoose(choice) {
   setSbsButtons(false);
   setBusy(true);
   try {
-    const saved = await LF.postJSON("/api/judgements", {
+    const saved = await saveJudgement({
       kind: "pair", response_ids: S.sbs.ids, choice, annotator: who,
       source: "side_by_side", request_id: S.sbs.requestId,
     });
@@ -307,7 +323,7 @@ async function sbsChoose(choice) {
     const [a, b] = [$("#sbs-a"), $("#sbs-b")];
     a.classList.add(choice === "a" ? "won" : choice === "b" ? "lost" : "tie");
     b.classList.add(choice === "b" ? "won" : choice === "a" ? "lost" : "tie");
-    showStatus(`saved judgement #${saved.id}`);
+    showStatus(savedText(saved));
     $("#sbs-input").focus();
   } catch (e) {
     setSbsButtons(true);
@@ -426,12 +442,12 @@ async function rankSubmit() {
   if (!who) return;
   setBusy(true);
   try {
-    const saved = await LF.postJSON("/api/judgements", {
+    const saved = await saveJudgement({
       kind: "ranking", response_ids: rank.order.map((i) => rank.ids[i]), annotator: who,
       source: "ranking", request_id: rank.requestId,
     });
     rank.done = true;
-    showStatus(`saved judgement #${saved.id}`);
+    showStatus(savedText(saved));
     $("#rank-input").focus();
   } catch (e) {
     showError(e.message);
