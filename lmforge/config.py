@@ -424,6 +424,8 @@ class OveroptimizationConfig(Section):
     """`lmforge experiment overoptimization`: PPO and best-of-N against a proxy reward model."""
 
     proxy_prompts: int = Field(120, ge=2, le=1_000_000)  # world rankings the proxy learns from
+    # also the rankings of the SFT model's own replies to those prompts (DIR/rm/)
+    policy_rankings: bool = True
     betas: list[float] = Field([0.0, 0.05, 0.2], min_length=1)  # PPO's KL coefficients
     ppo_steps: int = Field(50, ge=1, le=1_000_000)
     ppo_lr: float = Field(5e-5, gt=0.0, le=1.0)

@@ -1,9 +1,11 @@
 """`lmforge experiment overoptimization`: reward over-optimisation, measured with the gold scorer.
 
 In an existing run (its SFT model and world), a *proxy* reward model is trained on a limited
-number of the world's written comparisons (`proxy_prompts` rankings, none of the SFT model's
-own replies), so it has never seen most of the ways the policy can go wrong. The SFT model
-is then optimised against it:
+number of the world's comparisons (`proxy_prompts` prompts): their written rankings and, with
+`policy_rankings` (where the run's `rm` stage left DIR/rm/policy_rankings.jsonl), the
+simulated annotators' rankings of the SFT model's own replies to the same prompts, as a
+reward model is trained in practice. Either way it has seen few of the ways the policy can go
+wrong. The SFT model is then optimised against it:
 
 - with PPO at each KL coefficient of `betas` (0 included), following the proxy score, the
   gold score and KL(policy || SFT) every `eval_every` steps on held-out prompts
@@ -109,8 +111,18 @@ def overoptimization(cfg: RunConfig, run_dir: Path) -> dict:
     written = [
         json.loads(line) for line in (run_dir / "world" / "pref_train.jsonl").open(encoding="utf-8")
     ]
+    chosen = spread(list(range(len(written))), xc.proxy_prompts)
+    proxy_data = [written[i] for i in chosen]
+    ranked = run_dir / "rm" / "policy_rankings.jsonl"  # one line per pref_train prompt
+    policy_ranked = 0
+    if xc.policy_rankings and ranked.exists():
+        own = [json.loads(line) for line in ranked.open(encoding="utf-8")]
+        if len(own) != len(written):
+            raise ValueError(f"{ranked}: {len(own)} rankings for {len(written)} prompts")
+        proxy_data += [own[i] for i in chosen]
+        policy_ranked = len(chosen)
     with open_atomic(out / "proxy_data.jsonl") as f:
-        for record in spread(written, xc.proxy_prompts):
+        for record in proxy_data:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     console.rule("[bold]proxy reward model")
     rm_cfg = cfg.model_copy(deep=True)
@@ -155,6 +167,7 @@ def overoptimization(cfg: RunConfig, run_dir: Path) -> dict:
     plot(curves, best_of, out / "overoptimization.png")
     report = {
         "proxy_prompts": xc.proxy_prompts,
+        "proxy_policy_rankings": policy_ranked,
         "proxy_pair_accuracy": proxy_summary.get("pair_accuracy"),
         "probe_prompts": len(probes),
         "best_of_n": best_of,
@@ -170,7 +183,8 @@ def report_table(report: dict) -> str:
     lines = [
         "# Reward over-optimisation",
         "",
-        f"Proxy reward model: {report['proxy_prompts']} ranked prompts, held-out pair accuracy "
+        f"Proxy reward model: {report['proxy_prompts']} ranked prompts (and rankings of the SFT "
+        f"model's own replies to {report['proxy_policy_rankings']} of them), held-out pair accuracy "
         f"{report['proxy_pair_accuracy']}. Scores on {report['probe_prompts']} held-out prompts, "
         "one sampled reply each (best-of-N: 64 samples per prompt).",
         "",
