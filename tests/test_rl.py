@@ -438,6 +438,11 @@ def test_overoptimization_experiment_on_the_tiny_run(tiny_run):
     out = tiny_run / experiments.NAME
     assert report == json.loads((out / "report.json").read_text())
     assert set(report["ppo"]) == {"PPO beta=0", "PPO beta=0.1"}
+    # the proxy learns from the 20 prompts' written rankings and the SFT model's own, ranked
+    own = (tiny_run / "rm" / "policy_rankings.jsonl").exists()
+    assert report["proxy_policy_rankings"] == (20 if own else 0)
+    proxy_data = (out / "proxy_data.jsonl").read_text().splitlines()
+    assert len(proxy_data) == 20 + report["proxy_policy_rankings"]
     for points in report["ppo"].values():
         assert [p["step"] for p in points] == [0, 2, 4]  # before training, every 2 steps, after
         assert points[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # still the SFT model
