@@ -537,3 +537,17 @@ def test_stream_usage_and_a_client_that_hangs_up_leaves_no_prompt(server):
             break
         time.sleep(0.1)
     assert counts(server.db) == before
+
+
+def test_serves_a_hugging_face_export_like_the_model_it_came_from(served_model, tmp_path):
+    from lmforge.model.hf import export_hf
+
+    export_hf(served_model, tmp_path / "hf")
+    body = {"prompt": "The capital of", "max_tokens": 8, "temperature": 0}
+    texts = []
+    for path, name in ((served_model, "served"), (tmp_path / "hf", "hf")):
+        with start_server(path, tmp_path / f"{name}.sqlite3") as s:
+            assert httpx.get(s.url + "/v1/models").json()["data"][0]["id"] == name
+            r = httpx.post(s.url + "/v1/completions", json=body | {"model": name}, timeout=60)
+            texts.append((r.json()["choices"][0]["text"], r.json()["usage"]))
+    assert texts[0] == texts[1]  # imported from the export: the same greedy tokens and text
