@@ -341,8 +341,19 @@ class KTOConfig(PolicyTraining):
     w_undesirable: float = Field(1.0, gt=0.0, le=100.0)
 
 
+RewardSource = Literal[
+    "verifiable", "steps", "format", "length", "rm", "judge", "safety_helpfulness"
+]
+
+
 class OnlineRL(Optimisation):
-    """What the online RL stages share: prompts, sampling, truncation, the clipped update."""
+    """What the online RL stages share: prompts, sampling, truncation, the clipped update,
+    and the model-backed reward sources (`lmforge.rewards.model_sources`)."""
+
+    reward_model: str | None = None  # rm, safety_helpfulness; default: this run's rm/model
+    judge: str | None = None  # a model directory, or "policy" (self-rewarding); default: SFT
+    constitution: str | None = None  # the judge's principles (text file); default: built in
+    safety_threshold: float = Field(0.15, ge=0.0, le=1.0)  # Llama 2's safety override
 
     data: str | None = None  # prompts; default: the stage's world file
     eval_data: str | None = None  # held-out prompts; default: the stage's world file
@@ -372,15 +383,7 @@ class GRPOConfig(OnlineRL):
     """GRPO / RLOO with verifiable rewards: G samples per prompt, group-relative advantages.
     Prompts: world rl_train.jsonl; held out: world sft_eval_arithmetic.jsonl."""
 
-    rewards: dict[
-        Literal["verifiable", "steps", "format", "length", "rm", "judge", "safety_helpfulness"],
-        float,
-    ] = {"verifiable": 1.0}
-    # the model-backed reward sources (lmforge.rewards.model_sources)
-    reward_model: str | None = None  # rm, safety_helpfulness; default: this run's rm/model
-    judge: str | None = None  # a model directory, or "policy" (self-rewarding); default: SFT
-    constitution: str | None = None  # the judge's principles (text file); default: built in
-    safety_threshold: float = Field(0.15, ge=0.0, le=1.0)  # Llama 2's safety override
+    rewards: dict[RewardSource, float] = {"verifiable": 1.0}
     advantage: Literal["grpo", "rloo"] = "grpo"
     scale_std: bool = True  # divide by the group's std; False is Dr. GRPO
     loss_level: Literal["token", "sequence", "constant"] = "token"
@@ -395,7 +398,7 @@ class PPOConfig(OnlineRL):
     pretraining loss mixed in (PPO-ptx). Prompts: world pref_train.jsonl; held out:
     world pref_eval.jsonl, gold-scored."""
 
-    reward_model: str | None = None  # default: this run's rm/model
+    rewards: dict[RewardSource, float] = {"rm": 1.0}  # normalised, then clipped to reward_clip
     kl_coef: float = Field(0.05, ge=0.0, le=100.0)  # beta, the starting value when adaptive
     kl_target: float = Field(0.0, ge=0.0)  # nats per reply; > 0: adaptive controller
     kl_horizon: int = Field(10_000, ge=1)  # replies over which the controller adapts

@@ -101,3 +101,20 @@ def test_rlaif_stage_labels_pairs_with_the_judge_and_trains_dpo(tiny_run):
     trained = json.loads((tiny_run / "rlaif" / "dpo" / "summary.json").read_text())
     assert trained["pairs"] == s["pairs_kept"] and s["dpo_kl_to_ref"] == trained["kl_to_ref"]
     assert s["dpo_win_rate_vs_sft"] == trained["win_rate_vs_sft"]
+
+
+def test_ppo_optimises_a_weighted_mix_of_sources(tiny_run):
+    from lmforge.stages import ppo
+
+    overrides = [
+        "ppo.steps=2",
+        "ppo.prompts_per_step=8",
+        "ppo.eval_prompts=4",
+        "ppo.kl_prompts=2",
+        "ppo.rewards={rm=1.0, judge=0.5, length=0.1}",
+    ]
+    s = ppo.run(load_config(Path(TINY), overrides), tiny_run, stage="ppo_mixed")
+    log = [json.loads(x) for x in (tiny_run / "ppo_mixed" / "metrics.jsonl").open()]
+    assert s["steps"] == 2 and [r["step"] for r in log if "score" in r] == [1, 2]
+    config = (tiny_run / "ppo_mixed" / "config.toml").read_text()
+    assert 'judge" = 0.5' in config  # the mix is recorded with the run

@@ -5,9 +5,10 @@
     the SFT model (DIR/sft) ── policy + value head, frozen reference ─▶ DIR/ppo/
 
 Each step samples one reply to each of `prompts_per_step` prompts (`rollout.rollout`), scores
-it with the reward model, normalised by the reward statistics `rm` stored and clipped to
-+-`reward_clip` (a truncated reply can get `truncation_reward` instead), and gives every
-reply token the reward
+it with `ppo.rewards` (by default the reward model alone, normalised by the reward statistics
+`rm` stored; any weighted mix of `lmforge.rewards`' sources: the AI judge, Llama 2's
+safety/helpfulness rule, rules), clipped to +-`reward_clip` (a truncated reply can get
+`truncation_reward` instead), and gives every reply token the reward
 
     r_t = -beta * (log pi(y_t) - log ref(y_t))   (+ the score at the reply's last token)
 
@@ -58,6 +59,7 @@ from lmforge.losses import (
 )
 from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, load_reward_model, score
+from lmforge.rewards import combined_reward, model_sources
 from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -259,7 +261,20 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_head = ValueHead(policy.cfg.dim).to(d.device)
     rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
-    reward_model, rm_tokenizer, stats = load_reward_model(rm_dir, d.device)
+    reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)  # probes' proxy score
+    sources = model_sources(
+        set(pc.rewards),
+        run_dir,
+        "ppo",
+        pc.reward_model,
+        pc.judge,
+        pc.constitution,
+        pc.safety_threshold,
+        policy,
+        tokenizer,
+        d.device,
+    )
+    reward = combined_reward(pc.rewards, sources)
     skips = SkipReport() if pc.skip_bad else None
     data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
     eval_path = find_input(run_dir, pc.eval_data, "ppo.eval_data", ["world/pref_eval.jsonl"])
@@ -312,17 +327,8 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
                 pc.temperature,
                 seed=cfg.seed * 1_000_003 + step,
             )
-            raw = torch.tensor(
-                score(
-                    reward_model,
-                    rm_tokenizer,
-                    [(records[r.record]["messages"], r.text) for r in rolls],
-                    reward_model.trunk.cfg.max_seq_len,
-                )
-            )
-            scores = ((raw - stats["reward_mean"]) / stats["reward_std"]).clamp(
-                -pc.reward_clip, pc.reward_clip
-            )
+            raw = reward([records[r.record] for r in rolls], [r.text for r in rolls])
+            scores = raw.clamp(-pc.reward_clip, pc.reward_clip)
             truncated = torch.tensor([r.truncated for r in rolls])
             if pc.truncated == "penalty":
                 scores = torch.where(truncated, pc.truncation_reward, scores)
@@ -357,7 +363,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
                 step=step,
                 loss=figures.get("loss", 0.0),
                 score=round(raw.mean().item(), 4),
-                score_normalised=round(scores.mean().item(), 4) if len(scores) else 0.0,
+                score_clipped=round(scores.mean().item(), 4) if len(scores) else 0.0,
                 **{k: v for k, v in figures.items() if k != "loss"},
                 beta=round(beta, 5),
                 truncated=round(truncated.float().mean().item(), 4),
