@@ -551,3 +551,33 @@ def test_serves_a_hugging_face_export_like_the_model_it_came_from(served_model, 
             r = httpx.post(s.url + "/v1/completions", json=body | {"model": name}, timeout=60)
             texts.append((r.json()["choices"][0]["text"], r.json()["usage"]))
     assert texts[0] == texts[1]  # imported from the export: the same greedy tokens and text
+
+
+def test_a_seed_reproduces_a_request_even_under_concurrency(served_model):
+    model, tok = load_model_dir(served_model)
+    engine = Engine(model, tok, max_batch=8)
+    prompt = [tok.bos_id, *tok.encode("Once upon a time")]
+    seeded = {"temperature": 1.0, "seed": 7}
+    alone = run_engine(engine, prompt, 2, 16, sampling=seeded)
+    # three seeded requests queue up behind a long one, then would share one batch
+    events: list[list] = [[] for _ in range(4)]
+    done = [threading.Event() for _ in range(4)]
+
+    def emit(i: int, n: int):
+        def put(event):
+            events[i].append(event)
+            if sum(e.finish_reason is not None for e in events[i]) == n:
+                done[i].set()
+
+        return put
+
+    engine.submit(Request(prompt, 1, 200, Sampling(temperature=0.0), emit(0, 1)))
+    for i in (1, 2, 3):
+        engine.submit(Request(prompt, 2, 16, Sampling(**seeded), emit(i, 2)))
+    assert all(d.wait(60) for d in done)
+
+    def texts(got: list) -> list[str]:
+        return [e.text for e in sorted(got, key=lambda e: e.index) if e.finish_reason]
+
+    assert all(texts(events[i]) == texts(alone) for i in (1, 2, 3))  # same seed, same answers
+    engine.close()

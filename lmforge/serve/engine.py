@@ -144,7 +144,9 @@ class Engine:
         key, rows, width, steps, batch = self._waiting[0].sampling, 0, 0, 0, []
         for r in self._waiting:
             fits = max(width, len(r.prompt)) + max(steps, r.max_tokens) <= self.context
-            if r.sampling == key and rows + r.n <= self.max_batch and fits:
+            # a seeded request owns its random generator, so that its seed reproduces it
+            alone = key.seed is not None and bool(batch)
+            if r.sampling == key and rows + r.n <= self.max_batch and fits and not alone:
                 batch.append(r)
                 rows += r.n
                 width, steps = max(width, len(r.prompt)), max(steps, r.max_tokens)
