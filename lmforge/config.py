@@ -348,7 +348,7 @@ RewardSource = Literal[
 
 class OnlineRL(Optimisation):
     """What the online RL stages share: prompts, sampling, truncation, the clipped update,
-    and the model-backed reward sources (`lmforge.rewards.model_sources`)."""
+    and the model-backed reward sources (`lmforge.rewards.build_reward`)."""
 
     reward_model: str | None = None  # rm, safety_helpfulness; default: this run's rm/model
     judge: str | None = None  # a model directory, or "policy" (self-rewarding); default: SFT

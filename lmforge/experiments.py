@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lmforge.config import RunConfig
 from lmforge.eval.gold import sample_replies, spread
-from lmforge.io import load_model_dir, open_atomic, write_json_atomic, write_text_atomic
+from lmforge.io import load_model_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from lmforge.model.reward import load_reward_model, score
 from lmforge.stages import ppo, rm
 from lmforge.train_utils import MetricsLog, console
@@ -121,9 +121,7 @@ def overoptimization(cfg: RunConfig, run_dir: Path) -> dict:
             raise ValueError(f"{ranked}: {len(own)} rankings for {len(written)} prompts")
         proxy_data += [own[i] for i in chosen]
         policy_ranked = len(chosen)
-    with open_atomic(out / "proxy_data.jsonl") as f:
-        for record in proxy_data:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(out / "proxy_data.jsonl", proxy_data)
     console.rule("[bold]proxy reward model")
     rm_cfg = cfg.model_copy(deep=True)
     rm_cfg.rm.data = str(out / "proxy_data.jsonl")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import OnlineRL
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -160,45 +161,50 @@ SAFETY_CONSTITUTION = (
 )
 
 
-def model_sources(
-    names: set[str],
+def build_reward(
+    section: OnlineRL,
+    name: str,
     run_dir: Path,
-    section: str,
-    reward_model: str | None,
-    judge: str | None,
-    constitution: str | None,
-    threshold: float,
     policy: Transformer,
     tokenizer: Tokenizer,
     device: torch.device,
-) -> dict[str, BatchReward]:
-    """The model-backed sources among `names` (rm, judge, safety_helpfulness), built once per
-    stage. The reward model is `<section>.reward_model` (default: the run's rm/model); the
-    judge `<section>.judge`: a model directory, "policy" (the policy being trained judges its
-    own replies: self-rewarding), or by default the run's SFT model."""
+) -> BatchReward:
+    """The weighted reward `section.rewards` names, its model-backed sources (rm, judge,
+    safety_helpfulness) built once per stage. The reward model is `<name>.reward_model`
+    (default: the run's rm/model); the judge `<name>.judge`: a model directory, "policy" (the
+    policy being trained judges its own replies: self-rewarding), or by default the run's
+    SFT model."""
     from lmforge.io import load_model_dir
     from lmforge.judge import Judge, read_constitution
     from lmforge.model.reward import load_reward_model, score
     from lmforge.runs import find_model_dir
 
+    names = set(section.rewards)
     sources: dict[str, BatchReward] = {}
     if names & {"rm", "safety_helpfulness"}:
-        rm_dir = find_model_dir(run_dir, reward_model, f"{section}.reward_model", ["rm/model"])
+        rm_dir = find_model_dir(run_dir, section.reward_model, f"{name}.reward_model", ["rm/model"])
         rm, rm_tokenizer, stats = load_reward_model(rm_dir, device)
 
+        last: dict[tuple, torch.Tensor] = {}  # rm and safety_helpfulness score one batch once
+
         def reward_model_source(records: list[dict], texts: list[str]) -> torch.Tensor:
-            items = [(r["messages"], t) for r, t in zip(records, texts)]
-            raw = torch.tensor(score(rm, rm_tokenizer, items, rm.trunk.cfg.max_seq_len))
-            return (raw - stats["reward_mean"]) / max(stats["reward_std"], 1e-6)
+            key = tuple(texts)
+            if key not in last:
+                items = [(r["messages"], t) for r, t in zip(records, texts)]
+                raw = torch.tensor(score(rm, rm_tokenizer, items, rm.trunk.cfg.max_seq_len))
+                last.clear()
+                last[key] = (raw - stats["reward_mean"]) / max(stats["reward_std"], 1e-6)
+            return last[key]
 
         sources["rm"] = reward_model_source
     if names & {"judge", "safety_helpfulness"}:
-        if judge == "policy":
+        if section.judge == "policy":
             judge_model, judge_tokenizer = policy, tokenizer
         else:
-            judge_dir = find_model_dir(run_dir, judge, f"{section}.judge", ["sft"])
+            judge_dir = find_model_dir(run_dir, section.judge, f"{name}.judge", ["sft"])
             judge_model, judge_tokenizer = load_model_dir(judge_dir, device)
-        principled = Judge(judge_model, judge_tokenizer, read_constitution(constitution))
+        principles = read_constitution(section.constitution)
+        principled = Judge(judge_model, judge_tokenizer, principles)
         sources["judge"] = lambda records, texts: principled.score(
             [r["messages"] for r in records], texts
         )
@@ -208,7 +214,8 @@ def model_sources(
             safety = safety_judge.score([r["messages"] for r in records], texts)
             helpful = torch.sigmoid(sources["rm"](records, texts))  # to [0, 1] like safety
             unsafe = torch.tensor([r.get("kind") == "harmful" for r in records])
-            return safety_helpfulness(safety, helpful, unsafe, threshold)
+            return safety_helpfulness(safety, helpful, unsafe, section.safety_threshold)
 
         sources["safety_helpfulness"] = llama2_source
-    return {name: source for name, source in sources.items() if name in names}
+    chosen = {source: built for source, built in sources.items() if source in names}
+    return combined_reward(section.rewards, chosen)

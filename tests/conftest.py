@@ -74,6 +74,24 @@ def lmforge(*args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV)
 
 
+def train_rm_on_feedback(export_dir: Path, model_dir: Path, run_dir: Path) -> dict:
+    """`lmforge rm` on what `lmforge feedback export` wrote, as a user runs it (the tiny
+    config, starting from `model_dir`); the stage's summary."""
+    proc = lmforge(
+        "rm",
+        "--config",
+        TINY,
+        "--out",
+        run_dir,
+        f"rm.data={export_dir / 'comparisons.jsonl'}",
+        f"rm.model={model_dir}",
+        "rm.best_of_prompts=0",
+        "rm.policy_samples=0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((run_dir / "rm" / "summary.json").read_text())
+
+
 def losses(stage_dir: Path) -> list[float]:
     """The training losses a stage logged, step by step."""
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()

@@ -20,7 +20,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import TINY, lmforge  # noqa: E402
+from conftest import lmforge, train_rm_on_feedback  # noqa: E402
 from serving import start_server  # noqa: E402
 
 from lmforge.data.preferences import read_labelled, read_pairs  # noqa: E402
@@ -448,20 +448,7 @@ def test_export_trains_a_reward_model(served_model, tmp_path):
     assert (first["chosen"], first["rejected"]) == (stored[a], stored[b])
     assert first["messages"] == [{"role": "user", "content": "Name a sea."}]
 
-    run = tmp_path / "run"
-    proc = lmforge(
-        "rm",
-        "--config",
-        TINY,
-        "--out",
-        run,
-        f"rm.data={out / 'comparisons.jsonl'}",
-        f"rm.model={served_model}",
-        "rm.best_of_prompts=0",
-        "rm.policy_samples=0",
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rm = json.loads((run / "rm" / "summary.json").read_text())
+    rm = train_rm_on_feedback(out, served_model, tmp_path / "run")
     assert rm["data_records"] == 8 and rm["train_pairs"] + rm["eval_pairs"] == len(pairs)
 
 

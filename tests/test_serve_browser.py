@@ -25,7 +25,7 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-from conftest import lmforge  # noqa: E402
+from conftest import lmforge, train_rm_on_feedback  # noqa: E402
 from serving import Server, start_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -530,20 +530,7 @@ def test_judgements_export_and_train_reward_model(browser, served_model, tmp_pat
     ]
     assert chosen == picked
 
-    run = tmp_path / "run"
-    done = lmforge(
-        "rm",
-        "--config",
-        REPO / "configs" / "tiny.toml",
-        "--out",
-        run,
-        f"rm.data={out / 'comparisons.jsonl'}",
-        f"rm.model={served_model}",
-        "rm.best_of_prompts=0",
-        "rm.policy_samples=0",
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((run / "rm" / "summary.json").read_text())
+    summary = train_rm_on_feedback(out, served_model, tmp_path / "run")
     # 3 pairs and a ranking of 3 (3 pairs): 6 comparisons, less any of identical answers
     assert summary["data_records"] == 4
     assert summary["data_pairs"] + summary["data_dropped_identical"] == 6

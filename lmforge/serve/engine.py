@@ -43,7 +43,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: batches are chosen by identity
 class Request:
     """n continuations of one prompt. `emit` is called from the engine thread for each Event."""
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lmforge.data.preferences import read_labelled
-from lmforge.io import open_atomic, write_json_atomic
+from lmforge.io import write_json_atomic, write_jsonl_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -232,17 +232,16 @@ class FeedbackStore:
         """Counts over every judgement, and the newest `limit` with their prompt and texts."""
         with self._lock:
             db = self._db
+            total, pair, ranking, tie = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(kind = 'pair'), 0), "
+                "COALESCE(SUM(kind = 'ranking'), 0), COALESCE(SUM(choice = 'tie'), 0) "
+                "FROM judgements"
+            ).fetchone()
             counts = {
-                "total": db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0],
-                "pair": db.execute(
-                    "SELECT COUNT(*) FROM judgements WHERE kind = 'pair'"
-                ).fetchone()[0],
-                "ranking": db.execute(
-                    "SELECT COUNT(*) FROM judgements WHERE kind = 'ranking'"
-                ).fetchone()[0],
-                "tie": db.execute(
-                    "SELECT COUNT(*) FROM judgements WHERE choice = 'tie'"
-                ).fetchone()[0],
+                "total": total,
+                "pair": pair,
+                "ranking": ranking,
+                "tie": tie,
                 "by_annotator": dict(
                     db.execute("SELECT annotator, COUNT(*) FROM judgements GROUP BY annotator")
                 ),
@@ -279,12 +278,6 @@ def _response_texts(db: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
         return {}
     marks = ",".join("?" * len(set(ids)))
     return dict(db.execute(f"SELECT id, text FROM responses WHERE id IN ({marks})", list(set(ids))))
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open_atomic(path) as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def export_feedback(db_path: Path, out_dir: Path) -> dict:
@@ -334,11 +327,11 @@ def export_feedback(db_path: Path, out_dir: Path) -> dict:
                 }
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out_dir / "pairs.jsonl", pairs)
-    _write_jsonl(out_dir / "rankings.jsonl", rankings)
-    _write_jsonl(out_dir / "comparisons.jsonl", pairs + rankings)
+    write_jsonl_atomic(out_dir / "pairs.jsonl", pairs)
+    write_jsonl_atomic(out_dir / "rankings.jsonl", rankings)
+    write_jsonl_atomic(out_dir / "comparisons.jsonl", pairs + rankings)
     labels, report = read_labelled(out_dir / "comparisons.jsonl")
-    _write_jsonl(
+    write_jsonl_atomic(
         out_dir / "kto.jsonl",
         [
             {"messages": x.messages, "completion": x.completion, "label": x.desirable}

@@ -44,7 +44,7 @@ from lmforge.losses import (
     token_logprobs,
 )
 from lmforge.model import Transformer
-from lmforge.rewards import combined_reward, model_sources, verifiable_reward
+from lmforge.rewards import build_reward, verifiable_reward
 from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -147,19 +147,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
         raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
-    sources = model_sources(
-        set(gc.rewards),
-        run_dir,
-        "grpo",
-        gc.reward_model,
-        gc.judge,
-        gc.constitution,
-        gc.safety_threshold,
-        policy,
-        tokenizer,
-        d.device,
-    )
-    reward = combined_reward(gc.rewards, sources)
+    reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
     eval_tokens = gc.max_new_tokens
     before = answer_accuracy(policy, tokenizer, held, eval_tokens)
     console.print(

@@ -59,7 +59,7 @@ from lmforge.losses import (
 )
 from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, load_reward_model, score
-from lmforge.rewards import combined_reward, model_sources
+from lmforge.rewards import build_reward
 from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -261,20 +261,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_head = ValueHead(policy.cfg.dim).to(d.device)
     rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
-    reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)  # probes' proxy score
-    sources = model_sources(
-        set(pc.rewards),
-        run_dir,
-        "ppo",
-        pc.reward_model,
-        pc.judge,
-        pc.constitution,
-        pc.safety_threshold,
-        policy,
-        tokenizer,
-        d.device,
-    )
-    reward = combined_reward(pc.rewards, sources)
+    reward = build_reward(pc, "ppo", run_dir, policy, tokenizer, d.device)
     skips = SkipReport() if pc.skip_bad else None
     data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
     eval_path = find_input(run_dir, pc.eval_data, "ppo.eval_data", ["world/pref_eval.jsonl"])
@@ -282,6 +269,8 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     held = read_conversations(eval_path, skips)
     gold_scored = all("kind" in r and "answer" in r for r in held)
     probes = spread(held, pc.probe_prompts) if pc.eval_every and gold_scored else []
+    if probes:  # they follow the reward model's score too
+        reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)
     if pc.eval_prompts:
         held = spread(held, pc.eval_prompts)
     val_windows, ptx = pretraining_windows(cfg, run_dir, policy)

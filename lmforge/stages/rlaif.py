@@ -26,7 +26,7 @@ from pathlib import Path
 from lmforge.config import RunConfig
 from lmforge.data.readers import read_records
 from lmforge.eval.gold import sample_replies, spread
-from lmforge.io import load_model_dir, open_atomic
+from lmforge.io import load_model_dir, write_jsonl_atomic
 from lmforge.judge import Judge, read_constitution
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.stages import dpo
@@ -79,9 +79,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     if not pairs:
         raise ValueError("rlaif: the judge kept no pair (lower rlaif.min_confidence)")
     pairs_path = out / "pairs.jsonl"
-    with open_atomic(pairs_path) as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(pairs_path, pairs)
     summary = {
         "judge": str(judge_dir),
         "self_rewarding": judge_dir == policy_dir,

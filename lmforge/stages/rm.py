@@ -39,7 +39,7 @@ from lmforge.config import RunConfig
 from lmforge.data.preferences import Pair, data_figures, ordered_pairs, read_pairs
 from lmforge.data.readers import SkipReport
 from lmforge.eval.gold import sample_replies, spread
-from lmforge.io import load_model_dir, write_text_atomic
+from lmforge.io import load_model_dir, write_jsonl_atomic
 from lmforge.losses import bradley_terry_loss
 from lmforge.model.reward import RewardModel, collate_scored, encode_scored, save_reward_model
 from lmforge.model.reward import score as reward_score
@@ -52,7 +52,6 @@ from lmforge.train_utils import (
 )
 from lmforge.world.preferences import annotate, calibrate_noise, pair_agreement
 from lmforge.world.scoring import gold_score
-from lmforge.world.writer import to_jsonl
 
 BEST_OF = (1, 2, 4, 8, 16, 32, 64)
 
@@ -255,7 +254,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
             cfg.world.pref_annotator_agreement,
             cfg.seed,
         )
-        write_text_atomic(out / "policy_rankings.jsonl", to_jsonl(sampled))
+        write_jsonl_atomic(out / "policy_rankings.jsonl", sampled)
         more, _ = read_pairs(out / "policy_rankings.jsonl")
         pairs += more
         labelled = len(sampled)

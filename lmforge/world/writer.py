@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import WorldConfig
-from lmforge.io import write_text_atomic
+from lmforge.io import write_jsonl_atomic, write_text_atomic
 
 from .arithmetic import eval_arithmetic
 from .corpus import heldout_documents, pretraining_documents
@@ -53,10 +53,6 @@ STAGE_FILES: dict[str, Generator] = {
     "pref_eval.jsonl": pref_eval,
     "rl_train.jsonl": rl_train,
 }
-
-
-def to_jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def corpus_stats(docs: list[dict], world: World, languages: list[str]) -> dict:
@@ -99,7 +95,7 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict:
     summary: dict = {"n_countries": len(world.countries), "n_people": len(world.people)}
     for name, generate in STAGE_FILES.items():
         records = generate(world, cfg)
-        write_text_atomic(out_dir / name, to_jsonl(records))
+        write_jsonl_atomic(out_dir / name, records)
         if name == "corpus.jsonl":
             summary.update(corpus_stats(records, world, list(cfg.languages)))
         else:
