@@ -504,6 +504,17 @@ def test_host_header_of_another_site_is_refused(server):
     assert httpx.get(server.url + "/api/judgements").status_code == 200
 
 
+def test_a_streamed_line_survives_every_unicode_line_break():
+    # A random model samples U+2028 or U+0085 now and then; a client splitting the
+    # stream with str.splitlines (httpx) must still see one JSON document a line.
+    from lmforge.serve.app import _line, _sse
+
+    text = "a\u2028b\u2029c\x85d\x1ce\x0bf\r\n\u4e2d"
+    assert json.loads(_line(type="delta", text=text).splitlines()[0])["text"] == text
+    event = _sse({"text": text}).splitlines()
+    assert len(event) == 2 and json.loads(event[0].removeprefix("data: "))["text"] == text
+
+
 def test_stream_usage_and_a_client_that_hangs_up_leaves_no_prompt(server):
     body = {"model": "served", "prompt": "Once", "max_tokens": 12, "stream": True}
     body["stream_options"] = {"include_usage": True}

@@ -465,12 +465,14 @@ def create_app(
     return app
 
 
+# Streamed JSON is ASCII: a sampled U+2028, U+2029 or U+0085 would otherwise end
+# the line for clients that split with str.splitlines (httpx's iter_lines does).
 def _line(**fields) -> str:
-    return json.dumps(fields, ensure_ascii=False) + "\n"
+    return json.dumps(fields) + "\n"
 
 
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
 # ---- the OpenAI API ---------------------------------------------------------------------------
