@@ -16,7 +16,7 @@ from lmforge.data.preferences import Pair
 from lmforge.eval.gold import kl_to_reference, win_rate
 from lmforge.io import CheckpointError, load_model_dir
 from lmforge.model import Transformer
-from lmforge.model.reward import RewardModel, load_reward_model, score
+from lmforge.model.reward import RewardModel, length_chunks, load_reward_model, score
 from lmforge.stages import dpo, rm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +102,28 @@ def test_pair_loss_scores_each_distinct_reply_once_and_starts_at_log_2(tmp_path,
     loss, accuracy, tokens = rm.pair_loss(model, tokenizer, [ranking_pairs, other], 64, 0.0)
     # a zero head gives every reply reward 0: each pair's loss is log 2, and none is "right"
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and accuracy == 0.0
-    widest = max(
+    lengths = [
         len(tokenizer.render_chat([*messages, {"role": "assistant", "content": r}])[0])
         for r in [*replies, "yes", "no"]
-    )
-    assert tokens == 6 * widest  # 4 + 2 distinct replies, not 2 x 7 pair members
+    ]
+    assert tokens == sum(lengths)  # 4 + 2 distinct replies, not 2 x 7 pair members
     assert rm.group_pairs(ranking_pairs + other) == [ranking_pairs, other]
+
+
+def test_reward_model_runs_rows_in_length_chunks_with_the_same_rewards():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1)
+    model = RewardModel(Transformer(cfg))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    lengths = torch.tensor([5, 40, 12, 40, 3, 27])
+    ids = torch.randint(1, 64, (6, 40))
+    whole = model(ids, lengths, chunk_tokens=10**9)  # every row padded to 40
+    chunked = model(ids, lengths, chunk_tokens=48)
+    assert torch.allclose(whole, chunked, atol=1e-5) and whole.abs().min() > 0
+    # ascending lengths, at most 48 padded tokens a chunk; a longer row runs alone
+    sorted_lengths = sorted(lengths.tolist())
+    assert length_chunks(sorted_lengths, 48) == [slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)]
+    assert length_chunks([100], 48) == [slice(0, 1)] and length_chunks([], 48) == []
 
 
 def test_best_worst_keeps_a_rankings_extremes():

@@ -41,11 +41,33 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) of right-padded rows `ids` (B, T), read at position lengths - 1."""
-        hidden = self.trunk.hidden_states(ids)  # (B, T, C)
-        last = hidden[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C)
+    def forward(
+        self, ids: torch.Tensor, lengths: torch.Tensor, chunk_tokens: int = 4096
+    ) -> torch.Tensor:
+        """Rewards (B,) of right-padded rows `ids` (B, T), read at position lengths - 1.
+
+        The rows run in chunks of similar length (`length_chunks`), each cut to its longest
+        row: a batch that mixes short and long replies is not all padded to the longest
+        (in the world's comparisons, 43% of a padded batch was real tokens)."""
+        order = torch.argsort(lengths)
+        parts = []
+        for chunk in length_chunks(lengths[order].tolist(), chunk_tokens):
+            rows = order[chunk]
+            hidden = self.trunk.hidden_states(ids[rows, : int(lengths[rows].max())])  # (b, t, C)
+            parts.append(hidden[torch.arange(len(rows), device=ids.device), lengths[rows] - 1])
+        last = torch.cat(parts)[torch.argsort(order)]  # (B, C), back in the rows' order
         return self.head(last).squeeze(-1).float()
+
+
+def length_chunks(sorted_lengths: list[int], budget: int) -> list[slice]:
+    """Consecutive slices of ascending row lengths, each of at most `budget` padded tokens
+    (rows x its longest row; a single row longer than that is a chunk of its own)."""
+    chunks, start = [], 0
+    for i, length in enumerate(sorted_lengths):
+        if i > start and (i - start + 1) * length > budget:
+            chunks.append(slice(start, i))
+            start = i
+    return chunks + [slice(start, len(sorted_lengths))] if sorted_lengths else chunks
 
 
 def encode_scored(

@@ -94,7 +94,7 @@ def pair_loss(
     loss = (w * losses).sum() / len(groups)
     if center_coef:
         loss = loss + center_coef * ((r_c + r_r) ** 2).mean()
-    return loss, (r_c > r_r).float().mean().item(), ids.numel()
+    return loss, (r_c > r_r).float().mean().item(), int(lengths.sum())
 
 
 def evaluate_rankings(model: RewardModel, tokenizer, records: list[dict], max_len: int) -> dict:
