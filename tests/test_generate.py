@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.generate import generate, sample_next
+from lmforge.generate import generate, invert_cdf, sample_next
 
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 26], [42], [7, 7, 8, 100, 2]]
 
@@ -169,3 +169,27 @@ def test_empty_prompt_raises(model):
         generate(model, [[1, 2], []], 3)
     with pytest.raises(ValueError):
         generate(model, [], 3)
+
+
+def test_inverting_the_cdf_draws_each_token_with_its_probability():
+    probs = torch.rand(1, 50, generator=torch.Generator().manual_seed(3)) ** 4
+    probs[0, 7] = 0.0  # an impossible token
+    expected = probs[0] / probs.sum()
+    draws = sample_next(
+        probs.log().repeat(40_000, 1), 1.0, generator=torch.Generator().manual_seed(4)
+    )
+    freq = torch.bincount(draws, minlength=50).float() / draws.numel()
+    assert freq[7] == 0
+    assert (freq - expected).abs().max() < 0.01
+    # chi-square over the possible tokens: 48 degrees of freedom, p = 0.001 at 84
+    possible = expected > 0
+    chi2 = (((freq - expected)[possible] ** 2) / expected[possible]).sum() * draws.numel()
+    assert chi2 < 84
+
+
+def test_inverting_the_cdf_never_reaches_an_impossible_token_at_the_edges():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).repeat(3, 1)
+    uniform = torch.tensor([[0.0], [0.25], [1.0 - 2**-24]])
+    assert invert_cdf(probs, uniform).tolist() == [1, 3, 3]
+    # a total below one (unnormalised, as after masking) scales the point, not the result
+    assert invert_cdf(probs * 0.3, uniform).tolist() == [1, 3, 3]

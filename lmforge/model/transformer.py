@@ -36,8 +36,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 so bf16 activations keep their precision (as HF does)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)  # x / sqrt(mean(x^2) + eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -210,8 +209,9 @@ class Transformer(nn.Module):
             s = torch.arange(start + T, device=idx.device)
             mask = (s[None, :] <= s[start:, None])[None, None]  # (1, 1, T, S): causal, offset
         x = self.model.embed_tokens(idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
