@@ -455,3 +455,18 @@ def test_overoptimization_experiment_on_the_tiny_run(tiny_run):
     assert proxy == sorted(proxy) and proxy[-1] > proxy[0]
     assert (out / "overoptimization.png").stat().st_size > 5000
     assert "| PPO beta=0.1, step 4 |" in (out / "report.md").read_text()
+
+
+def test_ppo_on_rules_alone_needs_no_reward_model(tiny_run, tmp_path):
+    overrides = [
+        "ppo.rewards={format=1.0, length=0.5}",
+        f"ppo.reward_model='{tmp_path / 'absent'}'",
+        "ppo.steps=1",
+        "ppo.eval_prompts=2",
+        "ppo.kl_prompts=2",
+    ]
+    s = ppo.run(load_config(Path(TINY), overrides), tiny_run, stage="ppo_rules")
+    assert s["reward_model"] is None and s["steps"] == 1
+    # the probes follow the reward model's score, so they still ask for one, by its key
+    with pytest.raises(ValueError, match="ppo.reward_model"):
+        ppo.run(load_config(Path(TINY), overrides + ["ppo.eval_every=1"]), tiny_run, "ppo_rules")

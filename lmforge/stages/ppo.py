@@ -260,7 +260,6 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     policy, tokenizer = load_model_dir(base_dir, d.device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_head = ValueHead(policy.cfg.dim).to(d.device)
-    rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
     reward = build_reward(pc, "ppo", run_dir, policy, tokenizer, d.device)
     skips = SkipReport() if pc.skip_bad else None
     data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
@@ -269,6 +268,9 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     held = read_conversations(eval_path, skips)
     gold_scored = all("kind" in r and "answer" in r for r in held)
     probes = spread(held, pc.probe_prompts) if pc.eval_every and gold_scored else []
+    rm_dir = None  # the reward model, where a reward source or the probes use it
+    if probes or {"rm", "safety_helpfulness"} & set(pc.rewards):
+        rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
     if probes:  # they follow the reward model's score too
         reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)
     if pc.eval_prompts:
@@ -279,7 +281,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     loss_before = held_out_lm_loss(policy, val_windows, d)
     console.print(
         f"ppo: {len(records)} prompts from {data_path}; {pc.steps} steps x "
-        f"{pc.prompts_per_step} replies on {d.device}; reward model {rm_dir}"
+        f"{pc.prompts_per_step} replies on {d.device}; rewards {pc.rewards}"
     )
 
     def track() -> dict[str, float]:
@@ -371,7 +373,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     tenth = max(1, len(history) // 10)
     summary = {
         "base_model": str(base_dir),
-        "reward_model": str(rm_dir),
+        "reward_model": str(rm_dir) if rm_dir else None,
         "steps": steps_done,
         "updates": updates,
         "score_first": round(sum(r["score"] for r in history[:tenth]) / tenth, 4),
