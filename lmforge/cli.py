@@ -107,6 +107,17 @@ def sft(
     _training_stage("sft", config, out, resume, overrides)
 
 
+@app.command()
+def grpo(
+    config: Path = CONFIG,
+    out: Path = OUT,
+    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/."""
+    _training_stage("grpo", config, out, resume, overrides)
+
+
 # stages with no options of their own: a config, the run directory and overrides
 STAGE_HELP = {
     "world": "Generate the built-in synthetic world into OUT/world/.",
@@ -114,7 +125,6 @@ STAGE_HELP = {
     "rm": "Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N).",
     "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
     "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
-    "grpo": "GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/.",
     "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
     "rlaif": "Pairs of the SFT model's replies labelled by an AI judge, then DPO, into OUT/rlaif/.",
 }

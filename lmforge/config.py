@@ -391,6 +391,8 @@ class GRPOConfig(OnlineRL):
     kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
     # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
     lr: float = Field(3e-5, gt=0.0, le=1.0)
+    checkpoint_every: int = Field(50, ge=1)  # steps between checkpoints, for --resume
+    keep_last: int = Field(2, ge=1, le=1000)
 
 
 class PPOConfig(OnlineRL):

@@ -128,11 +128,14 @@ def start_log(out: Path, n_prompts: int, per_step: int, seed: int) -> tuple[Metr
     return MetricsLog(out / "metrics.jsonl"), shuffled_batches(n_prompts, per_step, seed)
 
 
-def rl_steps(section: OnlineRL, optimizer: torch.optim.Optimizer) -> Iterator[tuple[int, float]]:
-    """Steps 1 .. section.steps (fewer when `section.time_limit` seconds run out), each with
-    its learning rate (warmup, then cosine to min_lr_ratio) set on the optimiser."""
-    start = time.perf_counter()
-    for step in range(1, section.steps + 1):
+def rl_steps(
+    section: OnlineRL, optimizer: torch.optim.Optimizer, done: int = 0, elapsed: float = 0.0
+) -> Iterator[tuple[int, float]]:
+    """Steps done+1 .. section.steps (fewer when `section.time_limit` seconds of training,
+    `elapsed` of them before a resume, run out), each with its learning rate (warmup, then
+    cosine to min_lr_ratio) set on the optimiser."""
+    start = time.perf_counter() - elapsed
+    for step in range(done + 1, section.steps + 1):
         if section.time_limit and time.perf_counter() - start > section.time_limit:
             return
         lr = lr_at(step - 1, section.steps, section.lr, section.warmup_steps, section.min_lr_ratio)

@@ -307,15 +307,16 @@ def resume_latest(
     log: MetricsLog,
     expect: dict[str, Any],
     stage: str,
-) -> int:
-    """Restore the newest checkpoint of `ckpt_dir` and return the step to continue from
-    (0 when there is none). `expect` holds the state values the checkpoint must have been
-    written with, such as the global batch: with others, the same step would draw other data."""
+) -> dict[str, Any]:
+    """Restore the newest checkpoint of `ckpt_dir` and return its state, whose "step" is the
+    step to continue from ({"step": 0} when there is none). `expect` holds the state values
+    the checkpoint must have been written with, such as the global batch: with others, the
+    same step would draw other data."""
     checkpoints = list_checkpoints(ckpt_dir)
     if not checkpoints:
         if log.enabled:
             console.print(f"{stage}: --resume found no checkpoint in {ckpt_dir}; starting fresh")
-        return 0
+        return {"step": 0}
     state = load_checkpoint(checkpoints[-1], model, optimizer)
     differ = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
     if differ:
@@ -325,7 +326,7 @@ def resume_latest(
     if log.enabled:
         console.print(f"{stage}: resuming from {checkpoints[-1]} (step {state['step']})")
     log.keep_until(state["step"])
-    return state["step"]
+    return state
 
 
 # ---- metrics, progress, plots -----------------------------------------------------------------

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, lmforge
 
 from lmforge import experiments
 from lmforge.config import GRPOConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
 from lmforge.generate import generate, sample_completions
+from lmforge.io import load_tensors
 from lmforge.losses import (
     IGNORE_INDEX,
     clipped_policy_loss,
@@ -470,3 +472,34 @@ def test_ppo_on_rules_alone_needs_no_reward_model(tiny_run, tmp_path):
     # the probes follow the reward model's score, so they still ask for one, by its key
     with pytest.raises(ValueError, match="ppo.reward_model"):
         ppo.run(load_config(Path(TINY), overrides + ["ppo.eval_every=1"]), tiny_run, "ppo_rules")
+
+
+def test_grpo_resumes_exactly_from_its_newest_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for stage in ("world", "tokenizer", "sft"):
+        (out / stage).symlink_to(tiny_run / stage)
+    args = ["grpo", "--config", TINY, "--out", out, "grpo.steps=6", "grpo.checkpoint_every=3"]
+    assert lmforge(*args).returncode == 0
+    whole = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").open()]
+    summary = json.loads((out / "grpo" / "summary.json").read_text())
+    weights = load_tensors(out / "grpo" / "model.safetensors")
+    # as if killed after the checkpoint of step 3: that checkpoint is the newest
+    shutil.rmtree(out / "grpo" / "checkpoints" / "step_00000006")
+    proc = lmforge(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stderr and "step 3" in proc.stderr
+    resumed = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").open()]
+    timeless = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in resumed]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert timeless == [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in whole]
+    assert any(r["loss"] != 0.0 for r in resumed[3:])  # the resumed steps did update
+    again = json.loads((out / "grpo" / "summary.json").read_text())
+    for key in ("arith_accuracy", "steps", "samples", "skipped_groups", "sample_accuracy_last"):
+        assert again[key] == summary[key], key
+    for name, tensor in load_tensors(out / "grpo" / "model.safetensors").items():
+        assert torch.equal(tensor, weights[name]), name
+    # a batch of another shape would draw other prompts: refused, naming both
+    shutil.rmtree(out / "grpo" / "checkpoints" / "step_00000006")
+    proc = lmforge(*args, "--resume", "grpo.group_size=2")
+    assert proc.returncode == 2 and "group_size 4" in proc.stderr and "group_size 2" in proc.stderr

@@ -13,6 +13,10 @@ steps over the batch, with the clipped importance ratio against the sampling pol
 (`losses.clipped_policy_loss`) and, with `kl_coef` > 0, the k3 KL to the frozen SFT model,
 aggregated per token, per reply or by a constant (`losses.masked_mean`).
 
+Every `checkpoint_every` steps the policy, the optimiser and the elapsed training time are
+checkpointed (DIR/<stage>/checkpoints/); `resume=True` continues from the newest one exactly,
+since a step's prompts and samples are functions of (seed, step).
+
 Figures: greedy accuracy on held-out problems before and after (`arith_accuracy_before`,
 `arith_accuracy`: world/sft_eval_arithmetic.jsonl, none of which is trained on), and per
 step in metrics.jsonl: reward, accuracy of the samples, skipped groups, clip fraction,
@@ -45,15 +49,19 @@ from lmforge.losses import (
 )
 from lmforge.model import Transformer
 from lmforge.rewards import build_reward, verifiable_reward
-from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
+from lmforge.rollout import Rollout, rl_steps, rollout, training_batch, update_passes
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
+    MetricsLog,
     TrainingProgress,
     build_optimizer,
     console,
     finish_training,
+    resume_latest,
+    save_checkpoint,
     setup_device,
+    shuffled_batches,
 )
 
 
@@ -125,8 +133,15 @@ def policy_update(
     )
 
 
-def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
-    """Train the SFT model with GRPO into DIR/<stage>/ and measure held-out accuracy."""
+def expect_state(gc: GRPOConfig) -> dict[str, int]:
+    """What a checkpoint must share with the run that resumes it: with another batch shape,
+    the same step would draw other prompts and samples."""
+    return {"prompts_per_step": gc.prompts_per_step, "group_size": gc.group_size}
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo") -> dict:
+    """Train the SFT model with GRPO into DIR/<stage>/ and measure held-out accuracy;
+    `resume` continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     gc = cfg.grpo
     timer = Timer()
     d = setup_device(gc.device, gc.num_threads)
@@ -157,12 +172,24 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
     )
 
     optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
-    log, batches = start_log(out, len(records), gc.prompts_per_step, cfg.seed)
-    rollout_seconds = train_seconds = 0.0
-    skipped_groups = groups = steps_done = generated = 0
+    ckpt_dir = out / "checkpoints"
+    log = MetricsLog(out / "metrics.jsonl")
+    # a step's prompts and samples are functions of (seed, step), so a resumed run draws
+    # what the uninterrupted one would have
+    batches = shuffled_batches(len(records), gc.prompts_per_step, cfg.seed)
+    state = {"step": 0}
+    if resume:
+        state = resume_latest(ckpt_dir, policy, optimizer, log, expect_state(gc), "grpo")
+    else:
+        log.path.unlink(missing_ok=True)
+    for _ in range(state["step"]):
+        next(batches)
+    generated = 0
     start = time.perf_counter()
+    elapsed_before = state.get("elapsed_seconds", 0.0)
+    steps = rl_steps(gc, optimizer, state["step"], elapsed_before)
     with TrainingProgress(gc.steps, "grpo") as progress:
-        for step, lr in rl_steps(gc, optimizer):
+        for step, lr in steps:
             t0 = time.perf_counter()
             indices = next(batches)
             rolls = rollout(
@@ -185,9 +212,6 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
             adv = advantages(grid, gc).flatten()
             keep = informative & ~truncated if gc.truncated == "exclude" else informative
             t1 = time.perf_counter()
-            rollout_seconds += t1 - t0
-            groups += len(indices)
-            skipped_groups += len(indices) - int(informative.sum()) // gc.group_size
             chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
             update = {}
             if chosen:
@@ -201,8 +225,6 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
                     tokenizer.pad_id,
                     d.device,
                 )
-            train_seconds += time.perf_counter() - t1
-            steps_done = step
             record = {
                 "step": step,
                 "loss": update.get("loss", 0.0),
@@ -217,14 +239,19 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
                 "lr": lr,
             }
             log.write(**record)
+            if step % gc.checkpoint_every == 0 or step == gc.steps:
+                elapsed = elapsed_before + time.perf_counter() - start
+                state = {**expect_state(gc), "elapsed_seconds": round(elapsed, 3)}
+                save_checkpoint(ckpt_dir, step, policy, optimizer, state, gc.keep_last)
             generated += sum(len(r.tokens) for r in rolls)
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=record["loss"], tok_s=tok_s)
 
     finish_training(out, policy, tokenizer, log, "grpo")
     after = answer_accuracy(policy, tokenizer, held, eval_tokens)
-    history = log.read()
+    history = log.read()  # the whole run's, across resumes
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10) :]
+    steps_done = history[-1]["step"] if history else 0
     summary = {
         "arith_accuracy": after,
         "arith_accuracy_before": before,
@@ -235,10 +262,10 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "grpo") -> dict:
         "samples": steps_done * gc.prompts_per_step * gc.group_size,
         "sample_accuracy_first": round(sum(r["sample_accuracy"] for r in first) / len(first), 4),
         "sample_accuracy_last": round(sum(r["sample_accuracy"] for r in last) / len(last), 4),
-        "skipped_groups": skipped_groups,
-        "groups": groups,
-        "rollout_seconds": round(rollout_seconds, 1),
-        "train_seconds": round(train_seconds, 1),
+        "skipped_groups": sum(r["skipped_groups"] for r in history),
+        "groups": steps_done * gc.prompts_per_step,
+        "rollout_seconds": round(sum(r["rollout_seconds"] for r in history), 1),
+        "train_seconds": round(sum(r["train_seconds"] for r in history), 1),
         "data_skipped": len(skips.skipped) if skips else 0,
         "prompts_too_long": too_long,
         "eval_prompts_too_long": held_too_long,

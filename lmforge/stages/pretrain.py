@@ -97,7 +97,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     start_step = 0
     if resume:
         expect = {"global_batch": global_batch, "seq_len": pc.seq_len}
-        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "pretrain")
+        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "pretrain")["step"]
     elif d.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 

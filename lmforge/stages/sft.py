@@ -266,7 +266,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
             "max_len": sc.max_len,
             "method": sc.method,
         }
-        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "sft")
+        start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "sft")["step"]
     elif d.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if d.world_size > 1:
