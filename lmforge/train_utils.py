@@ -300,6 +300,14 @@ def load_checkpoint(
     return state
 
 
+def start_fresh(ckpt_dir: Path, log: MetricsLog) -> None:
+    """Forget an earlier run of the stage: its metrics, and its checkpoints, which a later
+    --resume of this run would otherwise take for its own."""
+    if log.enabled:
+        log.path.unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
 def resume_latest(
     ckpt_dir: Path,
     model: torch.nn.Module,

@@ -503,3 +503,7 @@ def test_grpo_resumes_exactly_from_its_newest_checkpoint(tiny_run, tmp_path):
     shutil.rmtree(out / "grpo" / "checkpoints" / "step_00000006")
     proc = lmforge(*args, "--resume", "grpo.group_size=2")
     assert proc.returncode == 2 and "group_size 4" in proc.stderr and "group_size 2" in proc.stderr
+    # a fresh run forgets the earlier run's checkpoints, which --resume would take for its own
+    assert lmforge(*args[:5], "grpo.steps=2", "grpo.checkpoint_every=1").returncode == 0
+    kept = sorted(p.name for p in (out / "grpo" / "checkpoints").iterdir())
+    assert kept == ["step_00000001", "step_00000002"]

@@ -62,6 +62,7 @@ from lmforge.train_utils import (
     save_checkpoint,
     setup_device,
     shuffled_batches,
+    start_fresh,
 )
 
 
@@ -181,7 +182,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     if resume:
         state = resume_latest(ckpt_dir, policy, optimizer, log, expect_state(gc), "grpo")
     else:
-        log.path.unlink(missing_ok=True)
+        start_fresh(ckpt_dir, log)
     for _ in range(state["step"]):
         next(batches)
     generated = 0

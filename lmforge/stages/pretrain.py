@@ -46,6 +46,7 @@ from lmforge.train_utils import (
     resume_latest,
     save_checkpoint,
     setup_device,
+    start_fresh,
 )
 
 
@@ -98,8 +99,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     if resume:
         expect = {"global_batch": global_batch, "seq_len": pc.seq_len}
         start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "pretrain")["step"]
-    elif d.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        start_fresh(ckpt_dir, log)
 
     amp_dtype = autocast_dtype(pc.dtype, d.device)
     amp = partial(autocast, d.device, amp_dtype)

@@ -78,6 +78,7 @@ from lmforge.train_utils import (
     resume_latest,
     save_checkpoint,
     setup_device,
+    start_fresh,
 )
 
 LM_EVAL_WINDOWS = 512  # held-out pretraining windows scored before and after (bounds its cost)
@@ -267,8 +268,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
             "method": sc.method,
         }
         start_step = resume_latest(ckpt_dir, model, optimizer, log, expect, "sft")["step"]
-    elif d.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        start_fresh(ckpt_dir, log)
     if d.world_size > 1:
         dist.barrier()
 
