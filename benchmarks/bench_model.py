@@ -83,7 +83,9 @@ def generate_time(
     return time.perf_counter() - start, rows
 
 
-def matmul_floor_seconds(model: Transformer, batch: int, device, rounds: int) -> float:
+def matmul_floor_seconds(
+    model: Transformer, batch: int, device: torch.device, rounds: int
+) -> float:
     """Median time of one decoding step's matrix products alone: `batch` rows times every
     weight matrix, in the layout decoding uses (`inference_layout`), one after another as
     the step runs them. With nothing else in the step, decoding could go no faster."""

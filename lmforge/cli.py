@@ -51,7 +51,7 @@ def run(
     config: Path = CONFIG,
     out: Path = OUT,
     resume: bool = typer.Option(
-        False, help="continue pretraining and SFT from their newest checkpoints"
+        False, help="continue pretrain, sft, grpo and ppo from their newest checkpoints"
     ),
     overrides: list[str] = OVERRIDES,
 ) -> None:
@@ -118,6 +118,17 @@ def grpo(
     _training_stage("grpo", config, out, resume, overrides)
 
 
+@app.command()
+def ppo(
+    config: Path = CONFIG,
+    out: Path = OUT,
+    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/."""
+    _training_stage("ppo", config, out, resume, overrides)
+
+
 # stages with no options of their own: a config, the run directory and overrides
 STAGE_HELP = {
     "world": "Generate the built-in synthetic world into OUT/world/.",
@@ -125,7 +136,6 @@ STAGE_HELP = {
     "rm": "Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N).",
     "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
     "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
-    "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
     "rlaif": "Pairs of the SFT model's replies labelled by an AI judge, then DPO, into OUT/rlaif/.",
 }
 

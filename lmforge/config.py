@@ -361,6 +361,8 @@ class OnlineRL(Optimisation):
     skip_bad: bool = False  # count and report malformed records instead of failing
     prompts_per_step: int = Field(8, ge=1, le=65_536)
     steps: int = Field(150, ge=1, le=10_000_000)  # rollout batches
+    checkpoint_every: int = Field(50, ge=1)  # steps between checkpoints, for --resume
+    keep_last: int = Field(2, ge=1, le=1000)
     time_limit: float = Field(0.0, ge=0.0)  # seconds of training after which to stop; 0: none
     iterations: int = Field(1, ge=1, le=100)  # passes over each rollout batch (PPO epochs)
     minibatches: int = Field(1, ge=1, le=4096)  # optimiser steps per pass
@@ -391,8 +393,6 @@ class GRPOConfig(OnlineRL):
     kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
     # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
     lr: float = Field(3e-5, gt=0.0, le=1.0)
-    checkpoint_every: int = Field(50, ge=1)  # steps between checkpoints, for --resume
-    keep_last: int = Field(2, ge=1, le=1000)
 
 
 class PPOConfig(OnlineRL):

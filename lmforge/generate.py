@@ -29,7 +29,9 @@ def sample_next(
     set whose probability reaches top_p."""
     if temperature <= 0:
         return logits.max(dim=-1).indices  # argmax, 2-3x faster on CPU
-    logits = logits.float() / temperature
+    # shifted first, so that a tiny temperature sends the others to -inf, not inf / inf
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,9 +55,18 @@ def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("sampling: a row of probabilities is not finite or sums to zero")
     # rounding must not lift the point to the total, past every interval
     point = torch.minimum(uniform * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
+    picks = torch.searchsorted(cdf, point, right=True).clamp_(max=probs.size(-1) - 1)
+    # a parallel scan (CUDA's) sums in another order, which can give a zero-probability
+    # token a sliver of an interval: step back to the last possible token before it
+    if bool((probs.gather(1, picks) == 0).any()):
+        positions = torch.arange(probs.size(-1), device=probs.device).expand_as(probs)
+        possible = torch.where(probs > 0, positions, 0).cummax(dim=-1).values
+        picks = possible.gather(1, picks)
+    return picks.squeeze(-1)
 
 
 def _left_pad(

@@ -147,17 +147,27 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({e})") from None
 
 
+def tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """State-dict names whose tensor an earlier name already holds: tied weights, such as
+    lm_head.weight with tied embeddings (in a model, or in a module list holding one)."""
+    seen: set[int] = set()
+    duplicates = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            duplicates.add(name)
+        seen.add(tensor.data_ptr())
+    return duplicates
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without tied duplicates (safetensors stores each tensor once, as HF)."""
-    sd = dict(model.state_dict())
-    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+    duplicates = tied_duplicates(model)
+    return {k: v for k, v in model.state_dict().items() if k not in duplicates}
 
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    missing = sorted(set(missing) - tied_duplicates(model))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"

@@ -32,6 +32,6 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     summaries = {}
     for name in cfg.stages:
         console.rule(f"[bold]{name}")
-        options = {"resume": resume} if name in ("pretrain", "sft", "grpo") else {}
+        options = {"resume": resume} if name in ("pretrain", "sft", "grpo", "ppo") else {}
         summaries[name] = STAGES[name](cfg, run_dir, **options)
     return summaries

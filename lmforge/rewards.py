@@ -36,6 +36,9 @@ from lmforge.config import OnlineRL
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
+# the reward sources that score with the reward model (safety_helpfulness: its helpfulness)
+USES_REWARD_MODEL = frozenset({"rm", "safety_helpfulness"})
+
 # a number as people write it: sign, thousands separators, decimals ("-1,234.5", "3")
 _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)"
 FINAL_ANSWER = re.compile(r"(?:(?:Answer|答案)\s*[:：]|####)\s*[$¥]?\s*" + _NUMBER)
@@ -181,7 +184,7 @@ def build_reward(
 
     names = set(section.rewards)
     sources: dict[str, BatchReward] = {}
-    if names & {"rm", "safety_helpfulness"}:
+    if names & USES_REWARD_MODEL:
         rm_dir = find_model_dir(run_dir, section.reward_model, f"{name}.reward_model", ["rm/model"])
         rm, rm_tokenizer, stats = load_reward_model(rm_dir, device)
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,14 @@ from lmforge.generate import sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.train_utils import MetricsLog, lr_at, shuffled_batches
+from lmforge.train_utils import (
+    MetricsLog,
+    lr_at,
+    resume_latest,
+    save_checkpoint,
+    shuffled_batches,
+    start_fresh,
+)
 
 
 @dataclass
@@ -122,10 +130,47 @@ def update_passes(
     return {name: round(total / k, 5) for name, total in sums.items()}
 
 
-def start_log(out: Path, n_prompts: int, per_step: int, seed: int) -> tuple[MetricsLog, Iterator]:
-    """A fresh metrics.jsonl in `out`, and endless shuffled batches of prompt indices."""
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    return MetricsLog(out / "metrics.jsonl"), shuffled_batches(n_prompts, per_step, seed)
+def start_log(
+    out: Path,
+    n_prompts: int,
+    per_step: int,
+    seed: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    expect: dict[str, Any],
+    resume: bool,
+    stage: str,
+) -> tuple[MetricsLog, Iterator[list[int]], dict[str, Any]]:
+    """metrics.jsonl in `out`, endless shuffled batches of prompt indices, and the training
+    state to start from. With `resume`, the newest checkpoint in out/checkpoints is restored
+    into model and optimizer (`expect`: what it must have been written with), the log is cut
+    at its step and the batches are advanced past it: a step's prompts and samples are
+    functions of (seed, step), so the resumed steps draw what the uninterrupted run drew.
+    Without it, an earlier run's metrics and checkpoints are removed."""
+    log = MetricsLog(out / "metrics.jsonl")
+    state: dict[str, Any] = {"step": 0}
+    if resume:
+        state = resume_latest(out / "checkpoints", model, optimizer, log, expect, stage)
+    else:
+        start_fresh(out / "checkpoints", log)
+    batches = shuffled_batches(n_prompts, per_step, seed)
+    for _ in range(state["step"]):
+        next(batches)
+    return log, batches, state
+
+
+def checkpoint_step(
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    section: OnlineRL,
+    state: dict[str, Any],
+) -> None:
+    """After every `section.checkpoint_every`-th step and the last, a checkpoint holding
+    `state` (for `start_log(resume=True)`)."""
+    if step % section.checkpoint_every == 0 or step == section.steps:
+        save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
 
 
 def rl_steps(

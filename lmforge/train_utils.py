@@ -301,11 +301,19 @@ def load_checkpoint(
 
 
 def start_fresh(ckpt_dir: Path, log: MetricsLog) -> None:
-    """Forget an earlier run of the stage: its metrics, and its checkpoints, which a later
-    --resume of this run would otherwise take for its own."""
-    if log.enabled:
-        log.path.unlink(missing_ok=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    """Forget an earlier run of the stage: its metrics go, and its checkpoints, which a
+    later --resume would take for this run's own, move to checkpoints.previous (replacing
+    the set kept there before), so that a run started without --resume by mistake loses
+    nothing yet."""
+    if not log.enabled:
+        return
+    log.path.unlink(missing_ok=True)
+    if list_checkpoints(ckpt_dir):
+        previous = ckpt_dir.with_name(ckpt_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(ckpt_dir, previous)
+        console.print(f"starting fresh: the earlier run's checkpoints are now in {previous}")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def resume_latest(
@@ -324,6 +332,7 @@ def resume_latest(
     if not checkpoints:
         if log.enabled:
             console.print(f"{stage}: --resume found no checkpoint in {ckpt_dir}; starting fresh")
+        start_fresh(ckpt_dir, log)
         return {"step": 0}
     state = load_checkpoint(checkpoints[-1], model, optimizer)
     differ = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}

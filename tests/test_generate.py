@@ -193,3 +193,22 @@ def test_inverting_the_cdf_never_reaches_an_impossible_token_at_the_edges():
     assert invert_cdf(probs, uniform).tolist() == [1, 3, 3]
     # a total below one (unnormalised, as after masking) scales the point, not the result
     assert invert_cdf(probs * 0.3, uniform).tolist() == [1, 3, 3]
+
+
+def test_a_tiny_temperature_samples_the_argmax_and_broken_rows_fail_clearly():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1e-38, generator=g), logits.argmax(-1))
+    logits[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        sample_next(logits, 1.0, generator=g)
+
+
+def test_a_sliver_of_an_interval_never_draws_an_impossible_token(monkeypatch):
+    # a cdf summed in another order (CUDA's parallel scan) can rise by a rounding step over
+    # a zero-probability token, and the search land on it: stand in for that search
+    probs = torch.tensor([[0.2, 0.0, 0.3, 0.0, 0.0, 0.5], [0.2, 0.0, 0.3, 0.0, 0.0, 0.5]])
+    landed = torch.tensor([[4], [5]])
+    monkeypatch.setattr(torch, "searchsorted", lambda *args, **kwargs: landed.clone())
+    # row 0 steps back to token 2, the last possible one before 4; row 1 keeps token 5
+    assert invert_cdf(probs, torch.tensor([[0.5], [0.9]])).tolist() == [2, 5]

@@ -471,39 +471,69 @@ def test_ppo_on_rules_alone_needs_no_reward_model(tiny_run, tmp_path):
     assert s["reward_model"] is None and s["steps"] == 1
     # the probes follow the reward model's score, so they still ask for one, by its key
     with pytest.raises(ValueError, match="ppo.reward_model"):
-        ppo.run(load_config(Path(TINY), overrides + ["ppo.eval_every=1"]), tiny_run, "ppo_rules")
+        ppo.run(
+            load_config(Path(TINY), overrides + ["ppo.eval_every=1"]), tiny_run, stage="ppo_rules"
+        )
 
 
-def test_grpo_resumes_exactly_from_its_newest_checkpoint(tiny_run, tmp_path):
+def _timeless(metrics: Path) -> list[dict]:
+    """A stage's logged steps without their timings, which differ from run to run."""
+    records = [json.loads(x) for x in metrics.open()]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
+
+
+# the figures a resumed run must reproduce, and a batch setting it must refuse to change
+RESUMABLE = {
+    "grpo": (
+        ["arith_accuracy", "steps", "samples", "skipped_groups", "sample_accuracy_last"],
+        "group_size",
+    ),
+    "ppo": (["gold_score", "steps", "updates", "beta_final", "score_last"], "prompts_per_step"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(RESUMABLE))
+def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    for stage in ("world", "tokenizer", "sft"):
-        (out / stage).symlink_to(tiny_run / stage)
-    args = ["grpo", "--config", TINY, "--out", out, "grpo.steps=6", "grpo.checkpoint_every=3"]
+    for earlier in ("world", "tokenizer", "pretrain", "sft", "rm"):
+        (out / earlier).symlink_to(tiny_run / earlier)
+    args = [stage, "--config", TINY, "--out", out, f"{stage}.steps=4"]
+    args += [f"{stage}.checkpoint_every=2", "ppo.kl_target=1.0", "ppo.ptx_coef=0.5"]
     assert lmforge(*args).returncode == 0
-    whole = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").open()]
-    summary = json.loads((out / "grpo" / "summary.json").read_text())
-    weights = load_tensors(out / "grpo" / "model.safetensors")
-    # as if killed after the checkpoint of step 3: that checkpoint is the newest
-    shutil.rmtree(out / "grpo" / "checkpoints" / "step_00000006")
+    whole = _timeless(out / stage / "metrics.jsonl")
+    summary = json.loads((out / stage / "summary.json").read_text())
+    weights = load_tensors(out / stage / "model.safetensors")
+    # as if killed after the checkpoint of step 2: that checkpoint is the newest
+    shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
     proc = lmforge(*args, "--resume")
     assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in proc.stderr and "step 3" in proc.stderr
-    resumed = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").open()]
-    timeless = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in resumed]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    assert timeless == [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in whole]
-    assert any(r["loss"] != 0.0 for r in resumed[3:])  # the resumed steps did update
-    again = json.loads((out / "grpo" / "summary.json").read_text())
-    for key in ("arith_accuracy", "steps", "samples", "skipped_groups", "sample_accuracy_last"):
+    assert "resuming from" in proc.stderr and "step 2" in proc.stderr
+    resumed = _timeless(out / stage / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "lr" in r] == [1, 2, 3, 4]
+    assert resumed == whole
+    assert any(r["loss"] != 0.0 for r in resumed[2:])  # the resumed steps did update
+    again = json.loads((out / stage / "summary.json").read_text())
+    figures, batch_key = RESUMABLE[stage]
+    for key in figures:
         assert again[key] == summary[key], key
-    for name, tensor in load_tensors(out / "grpo" / "model.safetensors").items():
+    for name, tensor in load_tensors(out / stage / "model.safetensors").items():
         assert torch.equal(tensor, weights[name]), name
-    # a batch of another shape would draw other prompts: refused, naming both
-    shutil.rmtree(out / "grpo" / "checkpoints" / "step_00000006")
-    proc = lmforge(*args, "--resume", "grpo.group_size=2")
-    assert proc.returncode == 2 and "group_size 4" in proc.stderr and "group_size 2" in proc.stderr
-    # a fresh run forgets the earlier run's checkpoints, which --resume would take for its own
-    assert lmforge(*args[:5], "grpo.steps=2", "grpo.checkpoint_every=1").returncode == 0
-    kept = sorted(p.name for p in (out / "grpo" / "checkpoints").iterdir())
+    # a batch of another shape would draw other prompts: refused, naming both values
+    shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
+    proc = lmforge(*args, "--resume", f"{stage}.{batch_key}=2")
+    assert proc.returncode == 2 and f"{batch_key} 2" in proc.stderr, proc.stderr
+    # so would another starting model (the SFT model trained again, say)
+    (out / "sft").unlink()
+    (out / "sft").symlink_to(tiny_run / "pretrain")
+    proc = lmforge(*args, "--resume")
+    assert proc.returncode == 2 and "base_model_sha256" in proc.stderr, proc.stderr
+    # a fresh run sets the earlier run's checkpoints aside, where --resume does not look
+    assert lmforge(*args, f"{stage}.steps=2", f"{stage}.checkpoint_every=1").returncode == 0
+    kept = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
     assert kept == ["step_00000001", "step_00000002"]
+    assert [p.name for p in (out / stage / "checkpoints.previous").iterdir()] == ["step_00000002"]
+    # --resume with no checkpoint starts fresh too: no steps logged twice
+    shutil.rmtree(out / stage / "checkpoints")
+    assert lmforge(*args, f"{stage}.steps=2", "--resume").returncode == 0
+    assert [r["step"] for r in _timeless(out / stage / "metrics.jsonl") if "lr" in r] == [1, 2]

@@ -36,7 +36,7 @@ from lmforge.data.prompts import read_prompts
 from lmforge.data.readers import SkipReport
 from lmforge.eval.chat import answer_accuracy
 from lmforge.eval.gold import spread
-from lmforge.io import load_model_dir
+from lmforge.io import load_model_dir, sha256_file
 from lmforge.losses import (
     IGNORE_INDEX,
     clipped_policy_loss,
@@ -49,20 +49,23 @@ from lmforge.losses import (
 )
 from lmforge.model import Transformer
 from lmforge.rewards import build_reward, verifiable_reward
-from lmforge.rollout import Rollout, rl_steps, rollout, training_batch, update_passes
+from lmforge.rollout import (
+    Rollout,
+    checkpoint_step,
+    rl_steps,
+    rollout,
+    start_log,
+    training_batch,
+    update_passes,
+)
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
-    MetricsLog,
     TrainingProgress,
     build_optimizer,
     console,
     finish_training,
-    resume_latest,
-    save_checkpoint,
     setup_device,
-    shuffled_batches,
-    start_fresh,
 )
 
 
@@ -134,12 +137,6 @@ def policy_update(
     )
 
 
-def expect_state(gc: GRPOConfig) -> dict[str, int]:
-    """What a checkpoint must share with the run that resumes it: with another batch shape,
-    the same step would draw other prompts and samples."""
-    return {"prompts_per_step": gc.prompts_per_step, "group_size": gc.group_size}
-
-
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo") -> dict:
     """Train the SFT model with GRPO into DIR/<stage>/ and measure held-out accuracy;
     `resume` continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
@@ -173,18 +170,15 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     )
 
     optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
-    ckpt_dir = out / "checkpoints"
-    log = MetricsLog(out / "metrics.jsonl")
-    # a step's prompts and samples are functions of (seed, step), so a resumed run draws
-    # what the uninterrupted one would have
-    batches = shuffled_batches(len(records), gc.prompts_per_step, cfg.seed)
-    state = {"step": 0}
-    if resume:
-        state = resume_latest(ckpt_dir, policy, optimizer, log, expect_state(gc), "grpo")
-    else:
-        start_fresh(ckpt_dir, log)
-    for _ in range(state["step"]):
-        next(batches)
+    # a checkpoint resumes only the run it came from: same batch shape, same starting model
+    expect = {
+        "prompts_per_step": gc.prompts_per_step,
+        "group_size": gc.group_size,
+        "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
+    }
+    log, batches, state = start_log(
+        out, len(records), gc.prompts_per_step, cfg.seed, policy, optimizer, expect, resume, "grpo"
+    )
     generated = 0
     start = time.perf_counter()
     elapsed_before = state.get("elapsed_seconds", 0.0)
@@ -240,10 +234,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
                 "lr": lr,
             }
             log.write(**record)
-            if step % gc.checkpoint_every == 0 or step == gc.steps:
-                elapsed = elapsed_before + time.perf_counter() - start
-                state = {**expect_state(gc), "elapsed_seconds": round(elapsed, 3)}
-                save_checkpoint(ckpt_dir, step, policy, optimizer, state, gc.keep_last)
+            elapsed = elapsed_before + time.perf_counter() - start
+            saved = {**expect, "elapsed_seconds": round(elapsed, 3)}
+            checkpoint_step(out, step, policy, optimizer, gc, saved)
             generated += sum(len(r.tokens) for r in rolls)
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=record["loss"], tok_s=tok_s)

@@ -46,7 +46,7 @@ from lmforge.data.sft import checked_messages
 from lmforge.data.shards import TokenBatches, load_shard
 from lmforge.eval.gold import compare_to_reference, spread
 from lmforge.eval.lm import lm_loss
-from lmforge.io import load_model_dir
+from lmforge.io import load_model_dir, sha256_file
 from lmforge.losses import (
     IGNORE_INDEX,
     clipped_policy_loss,
@@ -59,8 +59,16 @@ from lmforge.losses import (
 )
 from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, load_reward_model, score
-from lmforge.rewards import build_reward
-from lmforge.rollout import Rollout, rl_steps, rollout, start_log, training_batch, update_passes
+from lmforge.rewards import USES_REWARD_MODEL, build_reward
+from lmforge.rollout import (
+    Rollout,
+    checkpoint_step,
+    rl_steps,
+    rollout,
+    start_log,
+    training_batch,
+    update_passes,
+)
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
@@ -249,8 +257,9 @@ def probe(
     }
 
 
-def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
-    """Train the SFT model with PPO against the reward model into DIR/<stage>/."""
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo") -> dict:
+    """Train the SFT model with PPO against the reward model into DIR/<stage>/; `resume`
+    continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     pc: PPOConfig = cfg.ppo
     timer = Timer()
     d = setup_device(pc.device, pc.num_threads)
@@ -269,7 +278,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
     gold_scored = all("kind" in r and "answer" in r for r in held)
     probes = spread(held, pc.probe_prompts) if pc.eval_every and gold_scored else []
     rm_dir = None  # the reward model, where a reward source or the probes use it
-    if probes or {"rm", "safety_helpfulness"} & set(pc.rewards):
+    if probes or USES_REWARD_MODEL & set(pc.rewards):
         rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
     if probes:  # they follow the reward model's score too
         reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)
@@ -298,11 +307,19 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
 
     both = nn.ModuleList([policy, value_head])
     optimizer = build_optimizer(both, pc.lr, pc.weight_decay, (pc.beta1, pc.beta2))
-    log, batches = start_log(out, len(records), pc.prompts_per_step, cfg.seed)
-    beta, rollout_seconds, train_seconds, steps_done, updates = pc.kl_coef, 0.0, 0.0, 0, 0
+    # a checkpoint resumes only the run it came from: same batch size, same starting model
+    expect = {
+        "prompts_per_step": pc.prompts_per_step,
+        "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
+    }
+    log, batches, state = start_log(
+        out, len(records), pc.prompts_per_step, cfg.seed, both, optimizer, expect, resume, "ppo"
+    )
+    beta = state.get("beta", pc.kl_coef)  # the adaptive controller's, where it left off
+    elapsed_before = state.get("elapsed_seconds", 0.0)
     start, generated = time.perf_counter(), 0
     with TrainingProgress(pc.steps, "ppo") as progress:
-        for step, lr in rl_steps(pc, optimizer):
+        for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before):
             tracked = {}
             if probes and (step - 1) % pc.eval_every == 0:
                 tracked = track()
@@ -328,7 +345,6 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
             ]
             scores = scores[~truncated] if pc.truncated == "exclude" else scores
             t1 = time.perf_counter()
-            rollout_seconds += t1 - t0
             figures = {}
             if kept:
                 figures = ppo_update(
@@ -345,11 +361,9 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
                     ptx,
                     step * pc.iterations * pc.minibatches,
                 )
-                updates += 1
-            train_seconds += time.perf_counter() - t1
+            train_seconds = time.perf_counter() - t1
             if pc.kl_target > 0 and figures:
                 beta = adapt_kl(beta, figures["kl"], pc.kl_target, len(kept), pc.kl_horizon)
-            steps_done = step
             log.write(
                 step=step,
                 loss=figures.get("loss", 0.0),
@@ -360,28 +374,32 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "ppo") -> dict:
                 truncated=round(truncated.float().mean().item(), 4),
                 reply_tokens=round(sum(len(r.tokens) for r in rolls) / len(rolls), 2),
                 rollout_seconds=round(t1 - t0, 3),
-                train_seconds=round(time.perf_counter() - t1, 3),
+                train_seconds=round(train_seconds, 3),
                 lr=lr,
                 **tracked,
             )
+            elapsed = elapsed_before + time.perf_counter() - start
+            saved = {**expect, "beta": beta, "elapsed_seconds": round(elapsed, 3)}
+            checkpoint_step(out, step, both, optimizer, pc, saved)
             generated += sum(len(r.tokens) for r in rolls)
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=figures.get("loss", float("nan")), tok_s=tok_s)
 
     finish_training(out, policy, tokenizer, log, "ppo")
-    history = log.read()
+    history = log.read()  # the whole run's, across resumes
     tenth = max(1, len(history) // 10)
+    steps_done = history[-1]["step"] if history else 0
     summary = {
         "base_model": str(base_dir),
         "reward_model": str(rm_dir) if rm_dir else None,
         "steps": steps_done,
-        "updates": updates,
+        "updates": sum("kl" in r for r in history),  # steps with replies to learn from
         "score_first": round(sum(r["score"] for r in history[:tenth]) / tenth, 4),
         "score_last": round(sum(r["score"] for r in history[-tenth:]) / tenth, 4),
         "beta_final": round(beta, 5),
         "ptx_coef": pc.ptx_coef,
-        "rollout_seconds": round(rollout_seconds, 1),
-        "train_seconds": round(train_seconds, 1),
+        "rollout_seconds": round(sum(r["rollout_seconds"] for r in history), 1),
+        "train_seconds": round(sum(r["train_seconds"] for r in history), 1),
         "data_skipped": len(skips.skipped) if skips else 0,
     }
     if loss_before is not None:
