@@ -6,6 +6,10 @@ the policy's own and KL estimates on them are right. A reply stops at the end to
 is part of what the policy is trained on: it chose to stop), or at the pretraining document
 end, which a model that loses the chat format emits; one that runs out of tokens is marked
 `truncated`, and the stage decides what it is worth.
+
+Around the steps, what GRPO and PPO share: `rl_steps` (the learning rate and time limit of
+each step), `start_log` (the metrics, the prompt batches, and the state a resumed run starts
+from) and `checkpoint_step`.
 """
 
 from __future__ import annotations
