@@ -150,7 +150,8 @@ def start_log(
     into model and optimizer (`expect`: what it must have been written with), the log is cut
     at its step and the batches are advanced past it: a step's prompts and samples are
     functions of (seed, step), so the resumed steps draw what the uninterrupted run drew.
-    Without it, an earlier run's metrics and checkpoints are removed."""
+    Without it, an earlier run's metrics go and its checkpoints are set aside
+    (`train_utils.start_fresh`)."""
     log = MetricsLog(out / "metrics.jsonl")
     state: dict[str, Any] = {"step": 0}
     if resume:
