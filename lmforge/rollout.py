@@ -172,9 +172,11 @@ def checkpoint_step(
     section: OnlineRL,
     state: dict[str, Any],
 ) -> None:
-    """After every `section.checkpoint_every`-th step and the last, a checkpoint holding
-    `state` (for `start_log(resume=True)`)."""
-    if step % section.checkpoint_every == 0 or step == section.steps:
+    """After every `section.checkpoint_every`-th step and the last (by count, or because
+    state["elapsed_seconds"] has passed `section.time_limit`), a checkpoint holding `state`
+    (for `start_log(resume=True)`)."""
+    out_of_time = section.time_limit and state["elapsed_seconds"] > section.time_limit
+    if step % section.checkpoint_every == 0 or step == section.steps or out_of_time:
         save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
 
 

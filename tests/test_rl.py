@@ -533,6 +533,10 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
     kept = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
     assert kept == ["step_00000001", "step_00000002"]
     assert [p.name for p in (out / stage / "checkpoints.previous").iterdir()] == ["step_00000002"]
+    # a run stopped by its time limit checkpoints its last step (here the first)
+    assert lmforge(*args, f"{stage}.time_limit=0.001").returncode == 0
+    kept = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
+    assert kept == ["step_00000001"]
     # --resume with no checkpoint starts fresh too: no steps logged twice
     shutil.rmtree(out / stage / "checkpoints")
     assert lmforge(*args, f"{stage}.steps=2", "--resume").returncode == 0
