@@ -35,17 +35,6 @@ def _print_summary(name: str, summary: dict) -> None:
     typer.echo(f"{name}: " + json.dumps(summary, ensure_ascii=False))
 
 
-def _training_stage(
-    name: str, config: Path | None, out: Path, resume: bool, overrides: list[str] | None
-) -> None:
-    """Run a resumable stage; under torchrun only rank 0 returns a summary to print."""
-    from lmforge.pipeline import STAGES
-
-    summary = STAGES[name](_config(config, overrides), out, resume=resume)
-    if summary:
-        _print_summary(name, summary)
-
-
 @app.command()
 def run(
     config: Path = CONFIG,
@@ -56,7 +45,7 @@ def run(
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain, sft, rm,
-    dpo)."""
+    dpo, grpo)."""
     from lmforge.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
@@ -85,50 +74,6 @@ def clean(
     _print_summary("clean", stage.run(_config(config, options), out))
 
 
-@app.command()
-def pretrain(
-    config: Path = CONFIG,
-    out: Path = OUT,
-    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
-    overrides: list[str] = OVERRIDES,
-) -> None:
-    """Pretrain a base model into OUT/pretrain/ (runs under torchrun too)."""
-    _training_stage("pretrain", config, out, resume, overrides)
-
-
-@app.command()
-def sft(
-    config: Path = CONFIG,
-    out: Path = OUT,
-    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
-    overrides: list[str] = OVERRIDES,
-) -> None:
-    """Fine-tune the base model on chat conversations into OUT/sft/ (runs under torchrun too)."""
-    _training_stage("sft", config, out, resume, overrides)
-
-
-@app.command()
-def grpo(
-    config: Path = CONFIG,
-    out: Path = OUT,
-    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
-    overrides: list[str] = OVERRIDES,
-) -> None:
-    """GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/."""
-    _training_stage("grpo", config, out, resume, overrides)
-
-
-@app.command()
-def ppo(
-    config: Path = CONFIG,
-    out: Path = OUT,
-    resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
-    overrides: list[str] = OVERRIDES,
-) -> None:
-    """PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/."""
-    _training_stage("ppo", config, out, resume, overrides)
-
-
 # stages with no options of their own: a config, the run directory and overrides
 STAGE_HELP = {
     "world": "Generate the built-in synthetic world into OUT/world/.",
@@ -137,6 +82,13 @@ STAGE_HELP = {
     "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
     "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
     "rlaif": "Pairs of the SFT model's replies labelled by an AI judge, then DPO, into OUT/rlaif/.",
+}
+# and those that checkpoint as they train, which take --resume too
+RESUMABLE_HELP = {
+    "pretrain": "Pretrain a base model into OUT/pretrain/ (runs under torchrun too).",
+    "sft": "Fine-tune the base model on chat conversations into OUT/sft/ (runs under torchrun too).",
+    "grpo": "GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/.",
+    "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
 }
 
 
@@ -149,6 +101,24 @@ def _stage_command(name: str) -> None:
     app.command(name=name)(command)
 
 
+def _resumable_command(name: str) -> None:
+    def command(
+        config: Path = CONFIG,
+        out: Path = OUT,
+        resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
+        overrides: list[str] = OVERRIDES,
+    ) -> None:
+        stage = importlib.import_module(f"lmforge.stages.{name}")
+        summary = stage.run(_config(config, overrides), out, resume=resume)
+        if summary:  # under torchrun, only rank 0 returns one
+            _print_summary(name, summary)
+
+    command.__doc__ = RESUMABLE_HELP[name]
+    app.command(name=name)(command)
+
+
+for _name in RESUMABLE_HELP:
+    _resumable_command(_name)
 for _name in STAGE_HELP:
     _stage_command(_name)
 

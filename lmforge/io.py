@@ -147,12 +147,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({e})") from None
 
 
-def tied_duplicates(model: torch.nn.Module) -> set[str]:
-    """State-dict names whose tensor an earlier name already holds: tied weights, such as
-    lm_head.weight with tied embeddings (in a model, or in a module list holding one)."""
+def tied_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of a state dict whose tensor an earlier name already holds: tied weights, such
+    as lm_head.weight with tied embeddings (in a model, or in a module list holding one)."""
     seen: set[int] = set()
     duplicates = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if tensor.numel() and tensor.data_ptr() in seen:
             duplicates.add(name)
         seen.add(tensor.data_ptr())
@@ -161,13 +161,14 @@ def tied_duplicates(model: torch.nn.Module) -> set[str]:
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without tied duplicates (safetensors stores each tensor once, as HF)."""
-    duplicates = tied_duplicates(model)
-    return {k: v for k, v in model.state_dict().items() if k not in duplicates}
+    state = model.state_dict()
+    duplicates = tied_duplicates(state)
+    return {k: v for k, v in state.items() if k not in duplicates}
 
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = sorted(set(missing) - tied_duplicates(model))
+    missing = sorted(set(missing) - tied_duplicates(model.state_dict()))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     summaries = {}
     for name in cfg.stages:
         console.rule(f"[bold]{name}")
-        options = {"resume": resume} if name in ("pretrain", "sft", "grpo", "ppo") else {}
+        resumable = "resume" in inspect.signature(STAGES[name]).parameters
+        options = {"resume": resume} if resumable else {}
         summaries[name] = STAGES[name](cfg, run_dir, **options)
     return summaries

@@ -182,9 +182,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     generated = 0
     start = time.perf_counter()
     elapsed_before = state.get("elapsed_seconds", 0.0)
-    steps = rl_steps(gc, optimizer, state["step"], elapsed_before)
     with TrainingProgress(gc.steps, "grpo") as progress:
-        for step, lr in steps:
+        for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before):
             t0 = time.perf_counter()
             indices = next(batches)
             rolls = rollout(
