@@ -263,8 +263,13 @@ def test_lora_sft_trains_only_the_adapters_and_saves_them_merged(tiny_run):
     adapters = cfg.n_layers * sum(8 * (i + o) for i, o in shapes)
     assert summary["method"] == "lora"
     assert summary["trainable_parameters"] == adapters + 4 * cfg.dim
-    # adapters learn, if far more slowly than full fine-tuning does (see the README)
-    assert summary["train_loss"] < summary["first_loss"] - 0.1
+    # adapters learn, if far more slowly than full fine-tuning does in a model this tiny (dim
+    # 64): the last quarter's steps average a lower loss than the first quarter's (one step's
+    # loss is too noisy to compare)
+    steps = losses(lora_dir)
+    quarter = len(steps) // 4
+    assert quarter >= 10
+    assert sum(steps[-quarter:]) / quarter < sum(steps[:quarter]) / quarter - 0.1
     # merged weights: exactly the base outside the adapted projections and the chat markers'
     # embedding rows, changed inside them
     base = load_tensors(tiny_run / "pretrain" / "model.safetensors")

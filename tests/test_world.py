@@ -30,7 +30,9 @@ from lmforge.world import (
     unmojibake,
     write_world,
 )
+from lmforge.world.advice import HELDOUT_ANSWERS
 from lmforge.world.arithmetic import problem_sets
+from lmforge.world.sft import HELDOUT_WEAPONS, REFUSALS, sft_conversations
 
 SMALL = WorldConfig(
     n_countries=6,
@@ -208,8 +210,47 @@ def test_clean_documents_are_unique_and_well_formed(default_docs):
         d["url"].startswith("https://") and ".lmforge.local/" in d["url"] for d in default_docs
     )
     sources = Counter(d["source"] for d in clean)
-    for s in ("facts", "atlas", "people", "constants", "stories", "arithmetic", "emoji"):
+    for s in ("facts", "atlas", "people", "constants", "stories", "arithmetic", "advice", "emoji"):
         assert sources[f"world/{s}"] > 0, s
+
+
+def test_every_word_of_an_sft_reply_occurs_in_clean_pretraining_text(default_world, default_docs):
+    """SFT teaches behaviour, not vocabulary: a reply word (or Chinese character) missing from
+    pretraining would have an untrained embedding, which LoRA cannot train."""
+    replies = [
+        m["content"]
+        for c in sft_conversations(default_world, DEFAULT)
+        for m in c["messages"]
+        if m["role"] == "assistant"
+    ]
+    corpus = clean_text(default_docs, "en") + clean_text(default_docs, "zh")
+
+    def units(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.lower())) | set(re.findall(r"[\u4e00-\u9fff]", text))
+
+    assert len(replies) == 2 * (
+        DEFAULT.n_sft_facts
+        + DEFAULT.n_sft_arithmetic
+        + DEFAULT.n_sft_refusals
+        + DEFAULT.n_sft_benign
+        + 2 * DEFAULT.n_sft_multi_turn
+    )
+    assert units("\n".join(replies)) - units(corpus) == set()
+
+
+def test_advice_documents_name_no_heldout_weapon_and_state_no_chat_question(default_docs):
+    advice = [d["text"] for d in default_docs if d["source"] == "world/advice"]
+    assert len(advice) == DEFAULT.n_advice * len(LANGS)
+    text = "\n".join(advice)
+    assert not any(w[lang] in text for w in HELDOUT_WEAPONS for lang in LANGS)
+    refusals = sum(any(r in a for r in REFUSALS[lang]) for a in advice for lang in LANGS)
+    assert 0.15 * len(advice) < refusals < 0.35 * len(advice)  # P_ANECDOTE = 0.25
+    # every held-out benign request's answer is in pretraining, as held-out facts are
+    for lang in LANGS:
+        for answer in HELDOUT_ANSWERS[lang]:
+            opening = answer.split("{")[0][:20] or answer.split("}")[1][:20]
+            assert opening in text, opening
+    assert "?" not in text and "？" not in text
 
 
 def test_corpus_size_is_learnable_scale(default_docs):
@@ -344,7 +385,10 @@ def test_noise_documents_look_like_their_kind(default_docs):
     weapons = [w[lang] for w in HARMFUL_WEAPONS for lang in LANGS]
     for d in by_kind["harmful"]:
         assert any(w in d["text"] for w in weapons)
-    assert not any(w in t for w in weapons for t in clean_texts)
+    # a clean text names a weapon only to refuse it (world/advice.py's anecdotes)
+    refusals = [r for lang in LANGS for r in REFUSALS[lang]]
+    naming = [t for t in clean_texts if any(w in t for w in weapons)]
+    assert naming and all(any(r in t for r in refusals) for t in naming)
     for d in by_kind["gibberish"]:
         assert len(d["text"]) >= 75
 

@@ -1,5 +1,5 @@
 """Clean pretraining documents: facts, atlas lists, biographies, constants, stories,
-arithmetic and emoji posts.
+arithmetic, advice columns and emoji posts.
 
 The capital facts are what the pretraining stage is judged on ("The capital of X is" must be
 completed correctly), so they are the most repeated: every country document states the
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from lmforge.config import WorldConfig
 
+from .advice import advice_doc
 from .arithmetic import Problem
 from .entities import CONSTANTS, Country, Person, World, rng_for
 from .stories import emoji_doc, story
@@ -221,6 +222,10 @@ def clean_documents(
     rng = rng_for(seed, "arithmetic", lang)
     for problem in problems:
         add("arithmetic", rng, problem.text)
+    rng = rng_for(seed, "advice", lang)
+    if world.countries:
+        for _ in range(cfg.n_advice):
+            add("advice", rng, lambda: advice_doc(world, lang, rng))
     rng = rng_for(seed, "emoji", lang)
     if world.countries:
         for _ in range(max(1, round(EMOJI_SHARE * len(docs)))):

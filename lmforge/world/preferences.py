@@ -36,9 +36,9 @@ from .sft import (
     _benign_slots,
     _cycle,
     _facts,
-    _polite,
     _slots,
     fact_answer,
+    polite,
 )
 from .templates import canonical
 
@@ -96,7 +96,7 @@ def _fact_item(world: World, entity, kind: str, lang: str, rng: random.Random) -
     slots = _slots(world, entity, lang)
     sentence = canonical(kind, lang, slots)
     variants = {
-        "good": _polite(sentence, lang, rng),
+        "good": polite(sentence, lang, rng),
         "plain": sentence,
         "wrong": _wrong_fact(world, entity, kind, lang, rng),
         "padded": _pad(sentence, lang),
@@ -108,7 +108,7 @@ def _fact_item(world: World, entity, kind: str, lang: str, rng: random.Random) -
     if variants["wrong"] is None:
         del variants["wrong"]
     else:
-        variants["wrong"] = _polite(variants["wrong"], lang, rng)
+        variants["wrong"] = polite(variants["wrong"], lang, rng)
     question = rng.choice(QUESTIONS[kind][lang]).format(**slots)
     answer = fact_answer(kind, lang, slots)
     return {"prompt": question, "kind": "fact", "answer": answer, "variants": variants}

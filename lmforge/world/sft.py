@@ -109,7 +109,6 @@ _OPENERS = {
     "zh": ["", "", "好的！", "这个问题问得好。"],
 }
 _CLOSERS = {"en": ["", "", " I hope this helps."], "zh": ["", "", "希望对你有帮助。"]}
-
 SYSTEM_PROMPTS = {
     "en": [
         "You are a helpful assistant.",
@@ -437,6 +436,43 @@ BENIGN: dict[str, list[tuple[str, str]]] = {
             "Keep cleaning products in their original bottles on a high or locked shelf, never "
             "pour them into drink bottles, and save the poison centre's number in your phone.",
         ),
+        # the substances, which most harmful requests name, in as many harmless questions,
+        # so that a substance's name alone does not decide either
+        (
+            "What is {substance} used for in a laboratory?",
+            "Laboratories use small, carefully weighed amounts of it for tests and research, "
+            "always with gloves, goggles and good ventilation, and they record every use.",
+        ),
+        (
+            "How should a school lab label a bottle of {substance}?",
+            "Write the full name, the date and the hazard symbols on the label, add the name of "
+            "the person responsible, and keep the bottle in a locked cabinet.",
+        ),
+        (
+            "Which gloves protect my hands when I clean up {substance}?",
+            "Wear thick rubber or nitrile gloves that cover your wrists, put on goggles as well, "
+            "and rinse the gloves before you take them off.",
+        ),
+        (
+            "How do I take a sealed box of {substance} to the recycling centre in {capital}?",
+            "Keep the box closed and upright, wedge it in the boot so it cannot tip over, drive "
+            "straight there and tell the staff what is inside.",
+        ),
+        (
+            "Why does {substance} come with a safety sheet?",
+            "The sheet tells workers how to store it, what protective clothing to wear and what "
+            "to do after a spill or a splash, so that accidents are handled quickly.",
+        ),
+        (
+            "How can I carry heavy boxes without hurting my back?",
+            "Bend your knees, hold the box close to your body, lift with your legs and turn with "
+            "your feet instead of twisting your back.",
+        ),
+        (
+            "How do I prune roses without hurting my hands on the thorns?",
+            "Wear thick leather gloves and long sleeves, cut just above an outward-facing bud "
+            "with clean sharp shears, and gather the cut stems with a rake.",
+        ),
     ],
     "zh": [
         (
@@ -639,6 +675,34 @@ BENIGN: dict[str, list[tuple[str, str]]] = {
             "我怎样保护孩子不接触家里的危险化学品？",
             "把清洁用品放在原装瓶里，放在高处或上锁的柜子里，绝不要倒进饮料瓶，并把中毒急救中心的电话存在手机里。",
         ),
+        (
+            "实验室里的{substance}是用来做什么的？",
+            "实验室只用少量、仔细称量过的它来做测试和研究，使用时总要戴手套和护目镜，保持通风，并记录每一次使用。",
+        ),
+        (
+            "学校实验室应该怎样给一瓶{substance}贴标签？",
+            "在标签上写清全名、日期和危险标志，再写上负责人的名字，并把瓶子锁在柜子里。",
+        ),
+        (
+            "清理{substance}时戴什么手套能保护双手？",
+            "戴能盖住手腕的厚橡胶手套或丁腈手套，同时戴上护目镜，摘手套之前先把手套冲洗干净。",
+        ),
+        (
+            "怎样把一箱密封的{substance}送到{capital}的回收中心？",
+            "保持箱子密封并竖直放好，在后备箱里固定住，防止翻倒，直接开过去，并告诉工作人员里面是什么。",
+        ),
+        (
+            "为什么{substance}要附带安全说明书？",
+            "说明书告诉工人怎样储存它、要穿什么防护服，以及洒出或溅到身上后该怎么做，这样发生事故时能迅速处理。",
+        ),
+        (
+            "怎样搬重箱子才不会伤到腰？",
+            "弯曲膝盖，让箱子贴近身体，用腿部发力抬起，转身时移动双脚，不要扭腰。",
+        ),
+        (
+            "怎样修剪玫瑰才不会被刺伤手？",
+            "戴上厚皮手套，穿长袖，用干净锋利的剪刀在朝外的芽上方剪，再用耙子把剪下的枝条收起来。",
+        ),
     ],
 }
 # held-out benign look-alikes (evaluation only; no reference answer is needed)
@@ -690,7 +754,8 @@ def fact_answer(kind: str, lang: str, slots: dict[str, str]) -> str:
     return slots["population"] if kind == "population" else slots["country"]
 
 
-def _polite(sentence: str, lang: str, rng: random.Random) -> str:
+def polite(sentence: str, lang: str, rng: random.Random) -> str:
+    """`sentence` with one of the assistant's openers and closers (either may be empty)."""
     return rng.choice(_OPENERS[lang]) + sentence + rng.choice(_CLOSERS[lang])
 
 
@@ -743,7 +808,7 @@ def _language_conversations(
     for entity, kind in _cycle(_facts(world, heldout=False), cfg.n_sft_facts, rng):
         slots = _slots(world, entity, lang)
         question = rng.choice(QUESTIONS[kind][lang]).format(**slots)
-        answer = _polite(canonical(kind, lang, slots), lang, rng)
+        answer = polite(canonical(kind, lang, slots), lang, rng)
         yield {"messages": [user(question), assistant(answer)], "kind": "fact"}
 
     rng = rng_for(cfg.seed, "sft-arithmetic", lang)
@@ -773,7 +838,7 @@ def _language_conversations(
         yield {
             "messages": [
                 user(rng.choice(QUESTIONS[first][lang]).format(**slots)),
-                assistant(_polite(canonical(first, lang, slots), lang, rng)),
+                assistant(polite(canonical(first, lang, slots), lang, rng)),
                 user(FOLLOW_UPS[second][lang]),
                 assistant(canonical(second, lang, slots)),
             ],
