@@ -216,7 +216,8 @@ def test_clean_documents_are_unique_and_well_formed(default_docs):
 
 def test_every_word_of_an_sft_reply_occurs_in_clean_pretraining_text(default_world, default_docs):
     """SFT teaches behaviour, not vocabulary: a reply word (or Chinese character) missing from
-    pretraining would have an untrained embedding, which LoRA cannot train."""
+    pretraining would have an untrained embedding, which LoRA cannot train. (The world's clean
+    documents, before the clean stage, whose phrase filter drops some anecdotes: README.)"""
     replies = [
         m["content"]
         for c in sft_conversations(default_world, DEFAULT)
@@ -242,7 +243,10 @@ def test_advice_documents_name_no_heldout_weapon_and_state_no_chat_question(defa
     advice = [d["text"] for d in default_docs if d["source"] == "world/advice"]
     assert len(advice) == DEFAULT.n_advice * len(LANGS)
     text = "\n".join(advice)
-    assert not any(w[lang] in text for w in HELDOUT_WEAPONS for lang in LANGS)
+    # the held-out weapons stay out of every training text: clean documents and SFT replies
+    clean = clean_text(default_docs, "en") + clean_text(default_docs, "zh")
+    sft = json.dumps(sft_conversations(build_world(DEFAULT), DEFAULT), ensure_ascii=False)
+    assert not any(w[lang] in t for w in HELDOUT_WEAPONS for lang in LANGS for t in (clean, sft))
     refusals = sum(any(r in a for r in REFUSALS[lang]) for a in advice for lang in LANGS)
     assert 0.15 * len(advice) < refusals < 0.35 * len(advice)  # P_ANECDOTE = 0.25
     # every held-out benign request's answer is in pretraining, as held-out facts are
@@ -385,10 +389,13 @@ def test_noise_documents_look_like_their_kind(default_docs):
     weapons = [w[lang] for w in HARMFUL_WEAPONS for lang in LANGS]
     for d in by_kind["harmful"]:
         assert any(w in d["text"] for w in weapons)
-    # a clean text names a weapon only to refuse it (world/advice.py's anecdotes)
+    # a clean document names a weapon only to refuse it (world/advice.py's anecdotes)
     refusals = [r for lang in LANGS for r in REFUSALS[lang]]
-    naming = [t for t in clean_texts if any(w in t for w in weapons)]
-    assert naming and all(any(r in t for r in refusals) for t in naming)
+    naming = [
+        d for d in default_docs if d["noise"] is None and any(w in d["text"] for w in weapons)
+    ]
+    assert naming and all(d["source"] == "world/advice" for d in naming)
+    assert all(any(r in d["text"] for r in refusals) for d in naming)
     for d in by_kind["gibberish"]:
         assert len(d["text"]) >= 75
 
