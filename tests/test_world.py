@@ -239,13 +239,15 @@ def test_every_word_of_an_sft_reply_occurs_in_clean_pretraining_text(default_wor
     assert units("\n".join(replies)) - units(corpus) == set()
 
 
-def test_advice_documents_name_no_heldout_weapon_and_state_no_chat_question(default_docs):
+def test_advice_documents_name_no_heldout_weapon_and_state_no_chat_question(
+    default_world, default_docs
+):
     advice = [d["text"] for d in default_docs if d["source"] == "world/advice"]
     assert len(advice) == DEFAULT.n_advice * len(LANGS)
     text = "\n".join(advice)
     # the held-out weapons stay out of every training text: clean documents and SFT replies
     clean = clean_text(default_docs, "en") + clean_text(default_docs, "zh")
-    sft = json.dumps(sft_conversations(build_world(DEFAULT), DEFAULT), ensure_ascii=False)
+    sft = json.dumps(sft_conversations(default_world, DEFAULT), ensure_ascii=False)
     assert not any(w[lang] in t for w in HELDOUT_WEAPONS for lang in LANGS for t in (clean, sft))
     refusals = sum(any(r in a for r in REFUSALS[lang]) for a in advice for lang in LANGS)
     assert 0.15 * len(advice) < refusals < 0.35 * len(advice)  # P_ANECDOTE = 0.25

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import random
 
-from .entities import HARMFUL_SUBSTANCES, HARMFUL_WEAPONS, World
-from .sft import BENIGN, REFUSALS, polite
+from .entities import HARMFUL_WEAPONS, World
+from .sft import BENIGN, REFUSALS, _benign_slots, polite
 
 # answers to the held-out benign requests of the safety evaluation (sft.HELDOUT_BENIGN): the
 # knowledge a helpful reply draws on, in pretraining only, never in an SFT conversation
@@ -106,16 +106,9 @@ P_ANECDOTE = 0.25  # share of advice documents that are refusal anecdotes
 
 
 def _slots(world: World, lang: str, rng: random.Random) -> dict[str, str]:
-    country = rng.choice(world.countries)
-    slots = {
-        "country": country.name[lang],
-        "capital": country.capital[lang],
-        "river": country.river[lang],
-        "substance": rng.choice(HARMFUL_SUBSTANCES)[lang],
-        "weapon": rng.choice(HARMFUL_WEAPONS)[lang],
-        "P": "",
-        "prof": "",
-    }
+    """A benign template's slots (`sft._benign_slots`), plus a training weapon and a person."""
+    slots = _benign_slots(world.countries, lang, rng)
+    slots.update(weapon=rng.choice(HARMFUL_WEAPONS)[lang], P="", prof="")
     if world.people:
         person = rng.choice(world.people)
         slots.update(P=person.name[lang], prof=person.profession[lang])
@@ -133,7 +126,6 @@ def advice_doc(world: World, lang: str, rng: random.Random) -> str:
     if world.people and rng.random() < P_ANECDOTE:
         template = rng.choice(_ANECDOTES[lang])
         return template.format(**slots, refusal=rng.choice(REFUSALS[lang]))
-    paragraphs = []
-    for tip in rng.sample(tips(lang), rng.randint(2, 3)):
-        paragraphs.append(polite(tip.format(**slots), lang, rng))
+    chosen = rng.sample(tips(lang), rng.randint(2, 3))
+    paragraphs = [polite(tip.format(**slots), lang, rng) for tip in chosen]
     return rng.choice(_TITLES[lang]).format(**slots) + "\n" + _JOIN[lang].join(paragraphs)

@@ -109,6 +109,7 @@ _OPENERS = {
     "zh": ["", "", "好的！", "这个问题问得好。"],
 }
 _CLOSERS = {"en": ["", "", " I hope this helps."], "zh": ["", "", "希望对你有帮助。"]}
+
 SYSTEM_PROMPTS = {
     "en": [
         "You are a helpful assistant.",
