@@ -41,6 +41,9 @@ class WorldConfig(Section):
     n_arithmetic: int = Field(600, ge=0, le=1_000_000)
     # tips columns and refusal anecdotes: the words of an assistant's replies (world/advice.py)
     n_advice: int = Field(300, ge=0, le=1_000_000)
+    # worksheets of unanswered fact questions: what a base model continues a question with
+    # (world/study.py)
+    n_study: int = Field(400, ge=0, le=1_000_000)
     n_eval_arithmetic: int = Field(200, ge=0, le=100_000)
     noise_fraction: float = Field(0.12, ge=0.0, le=0.9)
     ad_copies: int = Field(2000, ge=0, le=1_000_000)
@@ -54,6 +57,9 @@ class WorldConfig(Section):
     n_sft_benign: int = Field(350, ge=0, le=1_000_000)
     n_sft_multi_turn: int = Field(150, ge=0, le=1_000_000)
     sft_system_fraction: float = Field(0.15, ge=0.0, le=1.0)  # conversations with a system turn
+    # single-turn fact, word-problem and benign replies that a careless demonstrator padded or
+    # made rude (world/sft.py `careless`): the flaws preference learning can remove
+    sft_flawed_fraction: float = Field(0.4, ge=0.0, le=1.0)
     # SFT evaluation per language: trained facts asked in new phrasings, and safety prompts
     # (this many harmful and as many benign look-alikes)
     n_sft_eval_seen: int = Field(60, ge=0, le=100_000)
@@ -234,7 +240,7 @@ class PretrainConfig(Optimisation):
     seq_len: int = Field(128, ge=8, le=1_048_576)
     micro_batch_size: int = Field(32, ge=1, le=65_536)
     grad_accum_steps: int = Field(1, ge=1, le=65_536)
-    max_steps: int = Field(500, ge=1, le=100_000_000)
+    max_steps: int = Field(600, ge=1, le=100_000_000)
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
@@ -328,6 +334,8 @@ class DPOConfig(PolicyTraining):
     """DPO and its family on preference pairs (`lmforge.losses`)."""
 
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    # of the world's 930 best-against-worst pairs; 1 epoch won 0.587 against SFT, 2 won 0.630
+    epochs: int = Field(2, ge=1, le=100_000)
     # of a ranking: its best reply against its worst, or every pair (6x the steps for K=4)
     pairs: Literal["all", "best_worst"] = "best_worst"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO

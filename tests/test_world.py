@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import WorldConfig
+from lmforge.config import CleanConfig, WorldConfig
+from lmforge.data.filters import build_filters
 from lmforge.io import write_text_atomic
 from lmforge.world import (
     ANSWER_PREFIX,
@@ -32,7 +33,14 @@ from lmforge.world import (
 )
 from lmforge.world.advice import HELDOUT_ANSWERS
 from lmforge.world.arithmetic import problem_sets
-from lmforge.world.sft import HELDOUT_WEAPONS, REFUSALS, sft_conversations
+from lmforge.world.sft import (
+    HELDOUT_WEAPONS,
+    QUESTIONS,
+    REFUSALS,
+    _facts,
+    _slots,
+    sft_conversations,
+)
 
 SMALL = WorldConfig(
     n_countries=6,
@@ -210,7 +218,8 @@ def test_clean_documents_are_unique_and_well_formed(default_docs):
         d["url"].startswith("https://") and ".lmforge.local/" in d["url"] for d in default_docs
     )
     sources = Counter(d["source"] for d in clean)
-    for s in ("facts", "atlas", "people", "constants", "stories", "arithmetic", "advice", "emoji"):
+    kinds = ("facts", "atlas", "people", "constants", "stories", "arithmetic", "advice", "study")
+    for s in (*kinds, "emoji"):
         assert sources[f"world/{s}"] > 0, s
 
 
@@ -257,6 +266,30 @@ def test_advice_documents_name_no_heldout_weapon_and_state_no_chat_question(
             opening = answer.split("{")[0][:20] or answer.split("}")[1][:20]
             assert opening in text, opening
     assert "?" not in text and "？" not in text
+    # and cleaning keeps them all: no refusal an anecdote quotes contains a listed phrase
+    keep = dict(build_filters(CleanConfig()))["harmful"]
+    assert all(keep({"text": a}) == {"text": a} for a in advice)
+
+
+def test_study_questions_ask_trained_facts_in_trained_phrasings_and_answer_none(
+    default_world, default_docs
+):
+    study = [d for d in default_docs if d["source"] == "world/study"]
+    assert len(study) == DEFAULT.n_study * len(LANGS)
+    for lang in LANGS:
+        text = "\n".join(d["text"] for d in study if d["lang"] == lang)
+        trained = {
+            t.format(**_slots(default_world, e, lang))
+            for e, kind in _facts(default_world, heldout=False)
+            for t in QUESTIONS[kind][lang]
+        }
+        asked = re.findall(r"^\d\. (.+)$", text, flags=re.M)
+        assert len(asked) >= 4 * DEFAULT.n_study and set(asked) <= trained
+        # trained phrasings only (so none of the evaluation's), no held-out entity, no answer
+        entities = (*default_world.countries, *default_world.people)
+        assert not any(e.name[lang] in text for e in entities if e.sft_heldout)
+        capitals = [c.capital[lang] for c in default_world.countries]
+        assert not any(capital in text for capital in capitals)
 
 
 def test_corpus_size_is_learnable_scale(default_docs):
@@ -408,7 +441,9 @@ def test_near_duplicates_are_small_edits_of_clean_docs():
     docs = pretraining_documents(build_world(SMALL), SMALL)
     for d in (d for d in docs if d["noise"] == "near_duplicate"):
         clean = [c["text"] for c in docs if c["noise"] is None and c["lang"] == d["lang"]]
-        best = max(difflib.SequenceMatcher(None, d["text"], c).ratio() for c in clean)
+        best = max(
+            difflib.SequenceMatcher(None, d["text"], c, autojunk=False).ratio() for c in clean
+        )
         assert 0.85 <= best < 1.0
 
 

@@ -23,7 +23,7 @@ from lmforge.world import (
 )
 from lmforge.world.arithmetic import problem_sets
 from lmforge.world.scoring import REFUSAL_MARKERS
-from lmforge.world.sft import REFUSALS
+from lmforge.world.sft import PADDING, REFUSALS, RUDENESS
 from lmforge.world.templates import COUNTRY_FACTS, PERSON_FACTS, country_slots, person_slots
 
 DEFAULT = WorldConfig()
@@ -144,6 +144,40 @@ def test_fact_answers_are_true(world, convs):
                         assert any(s in m["content"] for s in true), m
 
 
+def test_careless_demonstrations_pad_or_insult_at_the_configured_rate(world, convs):
+    """`sft_flawed_fraction` of the single-turn fact, word-problem and benign replies is
+    padded or rude, half each; refusals and multi-turn replies never are; with the fraction
+    at 0 every reply is careful and every other conversation is unchanged."""
+
+    def flaw(reply: str, lang: str) -> str | None:
+        if RUDENESS[lang][1] in reply:
+            return "rude"
+        return "padded" if PADDING[lang] in reply else None
+
+    def reply(conv: dict) -> str:
+        return conv["messages"][-1]["content"]
+
+    flawed = {kind: Counter() for kind in KINDS}
+    for conv in convs:
+        flawed[conv["kind"]][flaw(reply(conv), conv["lang"])] += 1
+    for kind in ("fact", "arithmetic", "benign"):
+        n = sum(flawed[kind].values())
+        for name in ("padded", "rude"):
+            assert abs(flawed[kind][name] / n - DEFAULT.sft_flawed_fraction / 2) < 0.05, kind
+    assert set(flawed["refusal"]) == set(flawed["multi_turn"]) == {None}
+    # a padded word problem still ends on its answer line
+    padded = [
+        reply(c)
+        for c in convs
+        if c["kind"] == "arithmetic" and flaw(reply(c), c["lang"]) == "padded"
+    ]
+    assert padded and all(re.search(r"(Answer: |答案：)\d+$", r) for r in padded)
+    careful = sft_conversations(world, DEFAULT.model_copy(update={"sft_flawed_fraction": 0.0}))
+    assert all(flaw(reply(c), c["lang"]) is None for c in careful)
+    changed = [a for a, b in zip(convs, careful) if a != b]
+    assert changed and all(flaw(reply(c), c["lang"]) for c in changed)
+
+
 def test_eval_facts_are_heldout_and_stated_in_pretraining(world, eval_facts):
     docs = pretraining_documents(world, DEFAULT)
     clean = {
@@ -197,7 +231,7 @@ def test_eval_arithmetic_is_not_trained_and_answer_lines_are_correct(world, conv
             assert reply.endswith(
                 f"\n{ANSWER_PREFIX[lang]}{solve(problem.template, problem.values)}"
             )
-            assert reply == f"{problem.solution()}\n{problem.answer_line()}"
+            assert problem.solution() in reply  # careful, padded or rude (above)
             for x, op, y, z in re.findall(r"(-?\d+) ([×+÷-]) (\d+) = (-?\d+)", reply):
                 x, y, z = int(x), int(y), int(z)
                 assert {"×": x * y, "+": x + y, "-": x - y, "÷": x // y}[op] == z

@@ -1,5 +1,5 @@
 """Clean pretraining documents: facts, atlas lists, biographies, constants, stories,
-arithmetic, advice columns and emoji posts.
+arithmetic, advice columns, study questions and emoji posts.
 
 The capital facts are what the pretraining stage is judged on ("The capital of X is" must be
 completed correctly), so they are the most repeated: every country document states the
@@ -23,6 +23,7 @@ from .advice import advice_doc
 from .arithmetic import Problem
 from .entities import CONSTANTS, Country, Person, World, rng_for
 from .stories import emoji_doc, story
+from .study import study_doc
 from .templates import COUNTRY_FACTS, PERSON_FACTS, canonical, country_slots, person_slots
 
 CLEAN_LICENSES = ("CC-BY-4.0", "CC0-1.0", "MIT", "public-domain")
@@ -226,6 +227,10 @@ def clean_documents(
     if world.countries:
         for _ in range(cfg.n_advice):
             add("advice", rng, lambda: advice_doc(world, lang, rng))
+    rng = rng_for(seed, "study", lang)
+    if world.countries:
+        for _ in range(cfg.n_study):
+            add("study", rng, lambda: study_doc(world, lang, rng))
     rng = rng_for(seed, "emoji", lang)
     if world.countries:
         for _ in range(max(1, round(EMOJI_SHARE * len(docs)))):

@@ -38,20 +38,12 @@ from .sft import (
     _facts,
     _slots,
     fact_answer,
+    pad,
     polite,
+    rude,
 )
 from .templates import canonical
 
-# unhelpful padding and rudeness, the two styles the gold scorer marks down
-_PADDING = {
-    "en": " Let me explain this in a little more detail, because it is worth knowing well and "
-    "many people are curious about it. There is a lot more that could be said on this topic.",
-    "zh": "让我再详细解释一下，因为这件事值得好好了解，很多人都对它感到好奇。关于这个话题还有很多可以说的。",
-}
-_RUDE = {
-    "en": ("Obviously, ", " Look it up yourself next time."),
-    "zh": ("这都不知道？", "下次自己去查。"),
-}
 _UNSURE = {"en": "I'm not sure, sorry.", "zh": "我不太确定，抱歉。"}
 # a fictional weapon's "instructions": no real substance, nothing usable
 _COMPLY = {
@@ -68,15 +60,6 @@ def _garble(text: str, lang: str, rng: random.Random) -> str:
     units = units[: max(2, len(units) * 2 // 3)]
     units.insert(rng.randrange(len(units) + 1), "\ufffd")
     return (" " if lang == "en" else "").join(units)
-
-
-def _pad(text: str, lang: str) -> str:
-    return text + _PADDING[lang]
-
-
-def _rude(text: str, lang: str) -> str:
-    opener, closer = _RUDE[lang]
-    return opener + text + closer
 
 
 def _wrong_fact(world: World, entity, kind: str, lang: str, rng: random.Random) -> str | None:
@@ -99,8 +82,8 @@ def _fact_item(world: World, entity, kind: str, lang: str, rng: random.Random) -
         "good": polite(sentence, lang, rng),
         "plain": sentence,
         "wrong": _wrong_fact(world, entity, kind, lang, rng),
-        "padded": _pad(sentence, lang),
-        "rude": _rude(sentence, lang),
+        "padded": pad(sentence, lang),
+        "rude": rude(sentence, lang),
         "refusal": rng.choice(REFUSALS[lang]),
         "unsure": _UNSURE[lang],
         "garbled": _garble(sentence, lang, rng),
@@ -121,8 +104,8 @@ def _arithmetic_item(p: Problem, rng: random.Random) -> dict:
         "good": reply,
         "no_answer_line": p.solution(),
         "wrong": f"{p.solution()}\n{wrong.answer_line()}",
-        "padded": f"{p.solution()}{_PADDING[p.lang]}\n{p.answer_line()}",
-        "rude": _rude(reply, p.lang),
+        "padded": f"{pad(p.solution(), p.lang)}\n{p.answer_line()}",
+        "rude": f"{rude(p.solution(), p.lang)}\n{p.answer_line()}",
         "refusal": rng.choice(REFUSALS[p.lang]),
         "garbled": _garble(reply, p.lang, rng),
     }
@@ -141,9 +124,9 @@ def _harmful_item(lang: str, rng: random.Random) -> dict:
     refusal = rng.choice(REFUSALS[lang])
     variants = {
         "refusal": refusal,
-        "rude_refusal": _rude(refusal, lang),
+        "rude_refusal": rude(refusal, lang),
         "comply": comply,
-        "padded_comply": _pad(comply, lang),
+        "padded_comply": pad(comply, lang),
         "garbled": _garble(refusal, lang, rng),
     }
     prompt = rng.choice(HARMFUL_REQUESTS[lang]).format(**slots)
@@ -157,8 +140,8 @@ def _benign_item(world: World, lang: str, rng: random.Random) -> dict:
     variants = {
         "helpful": answer,
         "refusal": rng.choice(REFUSALS[lang]),
-        "rude": _rude(answer, lang),
-        "padded": _pad(answer, lang),
+        "rude": rude(answer, lang),
+        "padded": pad(answer, lang),
         "garbled": _garble(answer, lang, rng),
     }
     # the reference answer: gold correctness of a benign reply is how much of it the reply says

@@ -58,8 +58,8 @@ def parse_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-# Phrases of the rude responses in the comparison data (`preferences._RUDE`), and others like
-# them; matched case-insensitively in English.
+# Phrases of rude replies (`sft.RUDENESS`: careless demonstrations, the comparison data) and
+# others like them; matched case-insensitively in English.
 RUDE_MARKERS: dict[str, tuple[str, ...]] = {
     "en": ("obviously", "look it up yourself", "stupid question", "figure it out yourself"),
     "zh": ("这都不知道", "自己去查", "笨问题", "自己想去"),
