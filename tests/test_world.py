@@ -226,7 +226,8 @@ def test_clean_documents_are_unique_and_well_formed(default_docs):
 def test_every_word_of_an_sft_reply_occurs_in_clean_pretraining_text(default_world, default_docs):
     """SFT teaches behaviour, not vocabulary: a reply word (or Chinese character) missing from
     pretraining would have an untrained embedding, which LoRA cannot train. (The world's clean
-    documents, before the clean stage, whose phrase filter drops some anecdotes: README.)"""
+    documents, before the clean stage; the advice test below checks that its harmful-phrase
+    filter keeps every advice document.)"""
     replies = [
         m["content"]
         for c in sft_conversations(default_world, DEFAULT)
