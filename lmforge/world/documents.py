@@ -22,6 +22,7 @@ from lmforge.config import WorldConfig
 from .advice import advice_doc
 from .arithmetic import Problem
 from .entities import CONSTANTS, Country, Person, World, rng_for
+from .sft import _facts
 from .stories import emoji_doc, story
 from .study import study_doc
 from .templates import COUNTRY_FACTS, PERSON_FACTS, canonical, country_slots, person_slots
@@ -229,8 +230,9 @@ def clean_documents(
             add("advice", rng, lambda: advice_doc(world, lang, rng))
     rng = rng_for(seed, "study", lang)
     if world.countries:
+        trained = _facts(world, heldout=False)
         for _ in range(cfg.n_study):
-            add("study", rng, lambda: study_doc(world, lang, rng))
+            add("study", rng, lambda: study_doc(world, trained, lang, rng))
     rng = rng_for(seed, "emoji", lang)
     if world.countries:
         for _ in range(max(1, round(EMOJI_SHARE * len(docs)))):

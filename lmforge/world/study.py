@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from .entities import World
-from .sft import QUESTIONS, _facts, _slots
+from .sft import QUESTIONS, _slots
 
 _TITLES = {
     "en": ["Study questions", "Revision sheet: geography and people", "Class quiz", "Homework"],
@@ -30,9 +30,10 @@ _FOOTERS = {
 }
 
 
-def study_doc(world: World, lang: str, rng: random.Random) -> str:
-    """One worksheet of numbered questions (see the module docstring)."""
-    facts = rng.sample(_facts(world, heldout=False), rng.randint(4, 6))
+def study_doc(world: World, trained: list, lang: str, rng: random.Random) -> str:
+    """One worksheet of numbered questions (see the module docstring) about `trained`, the
+    (entity, kind) facts SFT may ask (`sft._facts(world, heldout=False)`)."""
+    facts = rng.sample(trained, rng.randint(4, 6))
     questions = [
         f"{i}. " + rng.choice(QUESTIONS[kind][lang]).format(**_slots(world, entity, lang))
         for i, (entity, kind) in enumerate(facts, 1)
