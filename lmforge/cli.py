@@ -78,15 +78,15 @@ def clean(
 STAGE_HELP = {
     "world": "Generate the built-in synthetic world into OUT/world/.",
     "tokenizer": "Train the BPE tokenizer into OUT/tokenizer/.",
-    "rm": "Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N).",
-    "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
-    "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
     "rlaif": "Pairs of the SFT model's replies labelled by an AI judge, then DPO, into OUT/rlaif/.",
 }
 # and those that checkpoint as they train, which take --resume too
 RESUMABLE_HELP = {
     "pretrain": "Pretrain a base model into OUT/pretrain/ (runs under torchrun too).",
     "sft": "Fine-tune the base model on chat conversations into OUT/sft/ (runs under torchrun too).",
+    "rm": "Train a reward model on comparisons into OUT/rm/ (held-out accuracy, best-of-N).",
+    "dpo": "DPO, IPO, SimPO or ORPO (dpo.loss) on preference pairs into OUT/dpo/.",
+    "kto": "KTO on unpaired good/bad labels into OUT/kto/.",
     "grpo": "GRPO or RLOO with verifiable rewards (word problems) into OUT/grpo/.",
     "ppo": "PPO against the reward model with a KL penalty (ppo.ptx_coef: PPO-ptx) into OUT/ppo/.",
 }

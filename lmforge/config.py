@@ -213,8 +213,8 @@ class LoRAConfig(Section):
 
 
 class Optimisation(Section):
-    """AdamW with warmup and cosine decay to min_lr_ratio * lr, and gradient clipping: what
-    every training stage sets (each with its own defaults)."""
+    """AdamW with warmup and cosine decay to min_lr_ratio * lr, gradient clipping, and
+    checkpoints for --resume: what every training stage sets (each with its own defaults)."""
 
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -223,6 +223,8 @@ class Optimisation(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints, for --resume
+    keep_last: int = Field(2, ge=1, le=1000)  # checkpoints kept, the newest
 
 
 class PretrainConfig(Optimisation):
@@ -247,7 +249,6 @@ class PretrainConfig(Optimisation):
     eval_every: int = Field(150, ge=1)
     eval_batches: int = Field(8, ge=1)  # validation size, in global batches
     checkpoint_every: int = Field(150, ge=1)
-    keep_last: int = Field(2, ge=1, le=1000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
@@ -276,8 +277,6 @@ class SFTConfig(Optimisation):
     epochs: int = Field(3, ge=1, le=100_000)
     max_steps: int = Field(0, ge=0, le=100_000_000)  # 0: as many as `epochs` take
     eval_every: int = Field(50, ge=1)  # validation loss every this many steps
-    checkpoint_every: int = Field(100, ge=1)
-    keep_last: int = Field(2, ge=1, le=1000)
     eval_max_new_tokens: int = Field(96, ge=1, le=1_048_576)  # per reply in the chat eval
     eval_batch_size: int = Field(64, ge=1, le=65_536)
     eval_base: bool = True  # also score the model before fine-tuning (the `base_` figures)
@@ -371,8 +370,7 @@ class OnlineRL(Optimisation):
     skip_bad: bool = False  # count and report malformed records instead of failing
     prompts_per_step: int = Field(8, ge=1, le=65_536)
     steps: int = Field(150, ge=1, le=10_000_000)  # rollout batches
-    checkpoint_every: int = Field(50, ge=1)  # steps between checkpoints, for --resume
-    keep_last: int = Field(2, ge=1, le=1000)
+    checkpoint_every: int = Field(50, ge=1)
     time_limit: float = Field(0.0, ge=0.0)  # seconds of training after which to stop; 0: none
     iterations: int = Field(1, ge=1, le=100)  # passes over each rollout batch (PPO epochs)
     minibatches: int = Field(1, ge=1, le=4096)  # optimiser steps per pass

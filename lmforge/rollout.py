@@ -8,8 +8,7 @@ end, which a model that loses the chat format emits; one that runs out of tokens
 `truncated`, and the stage decides what it is worth.
 
 Around the steps, what GRPO and PPO share: `rl_steps` (the learning rate and time limit of
-each step), `start_log` (the metrics, the prompt batches, and the state a resumed run starts
-from) and `checkpoint_step`.
+each step) and `checkpoint_step` (`train_utils.start_log` resumes from its checkpoints).
 """
 
 from __future__ import annotations
@@ -29,14 +28,7 @@ from lmforge.generate import sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.train_utils import (
-    MetricsLog,
-    lr_at,
-    resume_latest,
-    save_checkpoint,
-    shuffled_batches,
-    start_fresh,
-)
+from lmforge.train_utils import lr_at, save_checkpoint
 
 
 @dataclass
@@ -132,36 +124,6 @@ def update_passes(
                 sums[name] = sums.get(name, 0.0) + value
             k += 1
     return {name: round(total / k, 5) for name, total in sums.items()}
-
-
-def start_log(
-    out: Path,
-    n_prompts: int,
-    per_step: int,
-    seed: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    expect: dict[str, Any],
-    resume: bool,
-    stage: str,
-) -> tuple[MetricsLog, Iterator[list[int]], dict[str, Any]]:
-    """metrics.jsonl in `out`, endless shuffled batches of prompt indices, and the training
-    state to start from. With `resume`, the newest checkpoint in out/checkpoints is restored
-    into model and optimizer (`expect`: what it must have been written with), the log is cut
-    at its step and the batches are advanced past it: a step's prompts and samples are
-    functions of (seed, step), so the resumed steps draw what the uninterrupted run drew.
-    Without it, an earlier run's metrics go and its checkpoints are set aside
-    (`train_utils.start_fresh`)."""
-    log = MetricsLog(out / "metrics.jsonl")
-    state: dict[str, Any] = {"step": 0}
-    if resume:
-        state = resume_latest(out / "checkpoints", model, optimizer, log, expect, stage)
-    else:
-        start_fresh(out / "checkpoints", log)
-    batches = shuffled_batches(n_prompts, per_step, seed)
-    for _ in range(state["step"]):
-        next(batches)
-    return log, batches, state
 
 
 def checkpoint_step(

@@ -155,45 +155,120 @@ def planned_steps(section: Any, n_items: int) -> int:
     return section.max_steps or section.epochs * math.ceil(n_items / section.batch_size)
 
 
+def start_log(
+    out: Path,
+    n_items: int,
+    per_step: int,
+    seed: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    expect: dict[str, Any],
+    resume: bool,
+    stage: str,
+    main: bool = True,
+) -> tuple[MetricsLog, Iterator[list[int]], dict[str, Any]]:
+    """metrics.jsonl in `out`, endless shuffled batches of item indices, and the training
+    state to start from. With `resume`, the newest checkpoint in out/checkpoints is restored
+    into model and optimizer (`expect`: what it must have been written with), the log is cut
+    at its step and the batches are advanced past it: a step's items (and an RL step's
+    samples) are functions of (seed, step), so the resumed steps draw what the uninterrupted
+    run drew. Without it, an earlier run's metrics go and its checkpoints are set aside
+    (`start_fresh`). Only the `main` process writes (under torchrun, rank 0)."""
+    log = MetricsLog(out / "metrics.jsonl", enabled=main)
+    state: dict[str, Any] = {"step": 0}
+    if resume:
+        state = resume_latest(out / "checkpoints", model, optimizer, log, expect, stage)
+    else:
+        start_fresh(out / "checkpoints", log)
+    batches = shuffled_batches(n_items, per_step, seed)
+    for _ in range(state["step"]):
+        next(batches)
+    return log, batches, state
+
+
 def train_on_batches(
     model: torch.nn.Module,
     section: Any,
     n_items: int,
     seed: int,
     name: str,
-    log_path: Path,
-    step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any], int]],
+    out: Path,
+    step: Callable[[list[int]], tuple[torch.Tensor, dict[str, Any], int, float]],
+    d: Dist,
+    resume: bool = False,
+    expect: dict[str, Any] | None = None,
 ) -> float:
     """The loop the preference stages share: AdamW (`build_optimizer`) with warmup and cosine
     decay, `section.batch_size` item indices a step (`shuffled_batches`), gradient clipping,
-    metrics.jsonl at `log_path` and a progress bar. `step(indices)` returns the loss to
-    minimise, metrics to log beside it, and how many tokens it computed. Returns the last
-    loss. `section` has the optimiser fields of `config.PolicyTraining`."""
+    out/metrics.jsonl and a progress bar. `step(indices)` returns the loss to minimise (a
+    weighted mean over the items), metrics to log beside it, how many tokens it computed and
+    the items' total weight. Returns the last loss. `section` has the optimiser and
+    checkpoint fields of `config.PolicyTraining`.
+
+    Under torchrun every rank takes every world_size-th index of the step's batch; its loss
+    counts by its share of the batch's weight and the gradients are summed over ranks, so
+    the step is the one a single process takes on the whole batch (logged loss and metrics
+    too, as weighted means).
+
+    Every `section.checkpoint_every` steps and after the last, out/checkpoints/ gets the
+    model, optimiser and RNG; `resume` continues from the newest (`start_log`), refusing one
+    written with other `expect` values or another batch size, which would draw other items."""
     max_steps = planned_steps(section, n_items)
     optimizer = build_optimizer(
         model, section.lr, section.weight_decay, (section.beta1, section.beta2)
     )
-    log_path.unlink(missing_ok=True)
-    log = MetricsLog(log_path)
-    start, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    expect = {**(expect or {}), "batch_size": section.batch_size, "items": n_items}
+    log, batches, state = start_log(
+        out, n_items, section.batch_size, seed, model, optimizer, expect, resume, name, d.is_main
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    start, tokens, loss_value = time.perf_counter(), 0, state.get("loss", float("nan"))
     model.train()
-    with TrainingProgress(max_steps, name) as progress:
-        batches = shuffled_batches(n_items, section.batch_size, seed)
-        for done, indices in enumerate(batches, start=1):
-            if done > max_steps:
-                break
+    with TrainingProgress(max_steps, name, enabled=d.is_main) as progress:
+        if state["step"]:
+            progress.update(state["step"])
+        for done in range(state["step"] + 1, max_steps + 1):
             lr = lr_at(done - 1, max_steps, section.lr, section.warmup_steps, section.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, metrics, n_tokens = step(indices)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip or math.inf)
+            loss, metrics, n_tokens, weight = step(next(batches)[d.rank :: d.world_size])
+            share = weight / all_reduce_sum(weight, d)
+            (loss * share).backward()
+            if d.world_size > 1:
+                for p in params:
+                    if p.grad is not None:  # a part the loss does not reach has none anywhere
+                        dist.all_reduce(p.grad)
+            torch.nn.utils.clip_grad_norm_(params, section.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value, tokens = loss.item(), tokens + n_tokens
+            loss_value = all_reduce_sum(loss.item() * share, d)
+            metrics = weighted_mean_over_ranks(metrics, share, d)
+            tokens += all_reduce_sum(n_tokens, d)
             log.write(step=done, loss=round(loss_value, 6), **metrics, lr=lr)
             progress.update(done, loss=loss_value, tok_s=tokens / (time.perf_counter() - start))
+            if (done % section.checkpoint_every == 0 or done == max_steps) and d.is_main:
+                checkpoint = dict(expect, loss=loss_value)
+                save_checkpoint(
+                    out / "checkpoints", done, model, optimizer, checkpoint, section.keep_last
+                )
     return loss_value
+
+
+def weighted_mean_over_ranks(
+    metrics: dict[str, float | None], share: float, d: Dist
+) -> dict[str, float | None]:
+    """Each metric's mean over the ranks, weighted by `share` (rounded to 4 places); a rank
+    whose items had no value for it (None) is left out, and None stays None everywhere."""
+    if d.world_size == 1:
+        return metrics
+    keys = sorted(metrics)  # every rank runs the same step function: the same keys
+    sums = torch.tensor(
+        [[metrics[k] * share, share] if metrics[k] is not None else [0.0, 0.0] for k in keys],
+        dtype=torch.float64,
+        device=d.device,
+    )
+    dist.all_reduce(sums)
+    return {k: round(v / w, 4) if w > 0 else None for k, (v, w) in zip(keys, sums.tolist())}
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import lmforge
+from conftest import ENV, lmforge, losses
 
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.preferences import Pair
 from lmforge.eval.gold import kl_to_reference, win_rate
-from lmforge.io import CheckpointError, load_model_dir
+from lmforge.io import CheckpointError, load_model_dir, load_tensors
 from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, length_chunks, load_reward_model, score
 from lmforge.stages import dpo, rm
@@ -166,8 +169,6 @@ def test_best_of_n_from_the_command_line(tiny_run):
 
 
 def test_a_damaged_reward_head_is_a_clear_error(tiny_run, tmp_path):
-    import shutil
-
     copy = tmp_path / "rm"
     shutil.copytree(tiny_run / "rm" / "model", copy)
     head = copy / "reward_head.safetensors"
@@ -186,3 +187,70 @@ def test_reward_model_and_dpo_on_hh_rlhf(tiny_run):
     cfg = load_config(Path(TINY), [f"dpo.data={HH}", "dpo.skip_bad=true", "dpo.max_steps=4"])
     d = dpo.run(cfg, tiny_run, stage="dpo_hh")
     assert d["data_pairs"] > 2000 and d["pairs"] == d["data_pairs"] and d["steps"] == 4
+
+
+# a stage's figures that a resumed run must reproduce, and the file of its trained weights
+RESUMABLE = {
+    "rm": (["pair_accuracy", "reward_mean", "reward_std", "gold_best_of_4"], "model/model"),
+    "dpo": (["train_loss", "reward_accuracy", "win_rate_vs_sft", "kl_to_ref"], "model"),
+    "kto": (["train_loss", "win_rate_vs_sft", "kl_to_ref"], "model"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(RESUMABLE))
+def test_preference_stages_resume_exactly_from_their_newest_checkpoint(stage, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for earlier in ("world", "tokenizer", "pretrain", "sft"):
+        (out / earlier).symlink_to(tiny_run / earlier)
+    args = [stage, "--config", TINY, "--out", out, f"{stage}.max_steps=4"]
+    args += [f"{stage}.checkpoint_every=2", "rm.best_of_prompts=4", "rm.policy_samples=2"]
+    assert lmforge(*args).returncode == 0
+    metrics = out / stage / "metrics.jsonl"
+    whole = [json.loads(x) for x in metrics.open()]
+    first = summary(out, stage)
+    figures, weights_file = RESUMABLE[stage]
+    weights = load_tensors(out / stage / f"{weights_file}.safetensors")
+    # as if killed after the checkpoint of step 2: that checkpoint is the newest
+    shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
+    proc = lmforge(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stderr and "step 2" in proc.stderr
+    assert [json.loads(x) for x in metrics.open()] == whole and len(whole) == 4
+    again = summary(out, stage)
+    for key in figures:
+        assert again[key] == first[key], key
+    for name, tensor in load_tensors(out / stage / f"{weights_file}.safetensors").items():
+        assert torch.equal(tensor, weights[name]), name
+    # another batch size would draw other items at the same step: refused, naming both
+    shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
+    proc = lmforge(*args, "--resume", f"{stage}.batch_size=3")
+    assert proc.returncode == 2 and "batch_size 3" in proc.stderr, proc.stderr
+    # a fresh run sets the earlier run's checkpoints aside, where --resume does not look
+    assert lmforge(*args).returncode == 0
+    assert [p.name for p in (out / stage / "checkpoints.previous").iterdir()] == ["step_00000002"]
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_two_processes_match_one_process(stage, tiny_run, tmp_path):
+    args = ["--config", TINY, f"{stage}.max_steps=3", f"{stage}.batch_size=4"]
+    args += ["rm.best_of_prompts=0", "rm.policy_samples=2", "dpo.kl_prompts=4"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"x{n}"
+        out.mkdir()
+        for earlier in ("world", "tokenizer", "pretrain", "sft"):
+            (out / earlier).symlink_to(tiny_run / earlier)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        cmd = [sys.executable, *launcher, "-m", "lmforge", stage, *args, "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights = load_tensors(out / stage / f"{RESUMABLE[stage][1]}.safetensors")
+        runs[n] = (losses(out / stage), summary(out, stage), weights)
+    (one, first, a), (two, second, b) = runs[1], runs[2]
+    # every rank scores its half of each batch, and the step is the whole batch's
+    assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)
+    assert first["device"] == "cpu x 1" and second["device"] == "cpu x 2"
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    start = load_tensors(tiny_run / "sft" / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # and they did train

@@ -41,7 +41,7 @@ from lmforge.data.preferences import (
 )
 from lmforge.data.readers import SkipReport
 from lmforge.eval.gold import compare_to_reference, completion_logprobs
-from lmforge.io import load_model_dir
+from lmforge.io import load_model_dir, sha256_file
 from lmforge.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logprobs, simpo_loss
 from lmforge.model import Transformer
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
@@ -114,6 +114,7 @@ class PolicyStage:
     base_dir: Path
     max_len: int
     data_path: Path
+    expect: dict  # what a checkpoint to resume from must have been written with
 
 
 def start_policy_stage(
@@ -130,8 +131,9 @@ def start_policy_stage(
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     data_path = find_input(run_dir, section.data, f"{name}.data", PREFERENCE_DATA)
     max_len = min(section.max_len, policy.cfg.max_seq_len)
+    expect = {"base_model_sha256": sha256_file(base_dir / "model.safetensors")}
     return PolicyStage(
-        name, timer, d, out, policy, reference, tokenizer, base_dir, max_len, data_path
+        name, timer, d, out, policy, reference, tokenizer, base_dir, max_len, data_path, expect
     )
 
 
@@ -157,12 +159,13 @@ def finish_policy_stage(
             section.eval_samples,
         )
     console.print(f"{ps.name}: {json.dumps(summary)}")
-    summary.update(seconds=ps.timer.seconds, device=f"{ps.d.device.type} x 1")
+    summary.update(seconds=ps.timer.seconds, device=f"{ps.d.device.type} x {ps.d.world_size}")
     return write_summary(ps.out, summary)
 
 
-def run(cfg: RunConfig, run_dir: Path, stage: str = "dpo") -> dict:
-    """Optimise the SFT model on preference pairs into DIR/<stage>/ and measure it."""
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "dpo") -> dict:
+    """Optimise the SFT model on preference pairs into DIR/<stage>/ and measure it; `resume`
+    continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     dc = cfg.dpo
     ps = start_policy_stage(cfg, dc, "dpo", run_dir, stage)
     policy, reference, tokenizer = ps.policy, ps.reference, ps.tokenizer
@@ -188,7 +191,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "dpo") -> dict:
         f"{max_steps} steps x {dc.batch_size} pairs on {ps.d.device}"
     )
 
-    def step(batch: list[int]) -> tuple[torch.Tensor, dict, int]:
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict, int, float]:
         x, y = collate_completions(
             [rows[2 * i + k] for i in batch for k in (0, 1)], tokenizer.pad_id
         )
@@ -205,11 +208,13 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "dpo") -> dict:
             "logp_chosen": round(pi[0].mean().item(), 4),
             "logp_rejected": round(pi[1].mean().item(), 4),
         }
-        return loss, metrics, x.numel()
+        return loss, metrics, x.numel(), weights.sum().item()
 
     loss_value = train_on_batches(
-        policy, dc, len(pairs), cfg.seed, "dpo", ps.out / "metrics.jsonl", step
+        policy, dc, len(pairs), cfg.seed, "dpo", ps.out, step, ps.d, resume, ps.expect
     )
+    if not ps.d.is_main:  # under torchrun, rank 0 saves and measures
+        return {}
     records = MetricsLog(ps.out / "metrics.jsonl").read()
     last = records[-min(len(records), math.ceil(len(pairs) / dc.batch_size)) :]  # last epoch
     summary = {

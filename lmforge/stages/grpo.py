@@ -54,7 +54,6 @@ from lmforge.rollout import (
     checkpoint_step,
     rl_steps,
     rollout,
-    start_log,
     training_batch,
     update_passes,
 )
@@ -66,6 +65,7 @@ from lmforge.train_utils import (
     console,
     finish_training,
     setup_device,
+    start_log,
 )
 
 

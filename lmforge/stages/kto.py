@@ -8,7 +8,8 @@ rankings give their top half as desirable and their bottom half as undesirable).
 implicit reward r = log pi/ref of a desirable reply is pushed above the reference point z0,
 an undesirable one below it (`losses.kto_loss`). z0 estimates KL(pi || ref) on the same
 batch with mismatched pairs: each prompt with the next example's reply, which the policy
-was never asked to prefer (`losses.kto_reference_point`). The weights `kto.w_desirable` and
+was never asked to prefer (`losses.kto_reference_point`); under torchrun, on each rank's
+share of the batch. The weights `kto.w_desirable` and
 `kto.w_undesirable` balance the two classes (the paper keeps w_d n_d / (w_u n_u) in
 [1, 4/3]). Set-up and figures as for DPO (`stages.dpo.start_policy_stage`,
 `finish_policy_stage`).
@@ -38,8 +39,9 @@ from lmforge.train_utils import (
 )
 
 
-def run(cfg: RunConfig, run_dir: Path, stage: str = "kto") -> dict:
-    """Optimise the SFT model on labelled replies into DIR/<stage>/ and measure it."""
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "kto") -> dict:
+    """Optimise the SFT model on labelled replies into DIR/<stage>/ and measure it; `resume`
+    continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     kc = cfg.kto
     ps = start_policy_stage(cfg, kc, "kto", run_dir, stage)
     policy, reference, tokenizer = ps.policy, ps.reference, ps.tokenizer
@@ -55,7 +57,7 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "kto") -> dict:
         f"{ps.data_path}; {max_steps} steps x {kc.batch_size} on {ps.d.device}"
     )
 
-    def step(batch: list[int]) -> tuple[torch.Tensor, dict, int]:
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict, int, float]:
         x, y = collate_completions([rows[i] for i in batch], tokenizer.pad_id)
         pi, _ = sequence_logprobs(policy(x.to(ps.d.device)), y.to(ps.d.device))
         # prompt i with the reply of example i + 1: the KL reference point's pairs, a baseline
@@ -79,11 +81,13 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "kto") -> dict:
                 round(reward[~labels].mean().item(), 4) if (~labels).any() else None
             ),
         }
-        return loss, metrics, x.numel()
+        return loss, metrics, x.numel(), len(batch)
 
     loss_value = train_on_batches(
-        policy, kc, len(examples), cfg.seed, "kto", ps.out / "metrics.jsonl", step
+        policy, kc, len(examples), cfg.seed, "kto", ps.out, step, ps.d, resume, ps.expect
     )
+    if not ps.d.is_main:  # under torchrun, rank 0 saves and measures
+        return {}
     summary = {
         "train_loss": round(loss_value, 6),
         "examples": len(examples),

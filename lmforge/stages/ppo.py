@@ -65,7 +65,6 @@ from lmforge.rollout import (
     checkpoint_step,
     rl_steps,
     rollout,
-    start_log,
     training_batch,
     update_passes,
 )
@@ -78,6 +77,7 @@ from lmforge.train_utils import (
     console,
     finish_training,
     setup_device,
+    start_log,
 )
 from lmforge.world.scoring import gold_score
 

@@ -34,12 +34,13 @@ import statistics
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from lmforge.config import RunConfig
 from lmforge.data.preferences import Pair, data_figures, ordered_pairs, read_pairs
 from lmforge.data.readers import SkipReport
 from lmforge.eval.gold import sample_replies, spread
-from lmforge.io import load_model_dir, write_jsonl_atomic
+from lmforge.io import load_model_dir, sha256_file, write_jsonl_atomic
 from lmforge.losses import bradley_terry_loss
 from lmforge.model.reward import RewardModel, collate_scored, encode_scored, save_reward_model
 from lmforge.model.reward import score as reward_score
@@ -225,8 +226,9 @@ def plot_best_of_n(curve: dict[int, float], path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
-    """Train the reward model into DIR/<stage>/ and measure it."""
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "rm") -> dict:
+    """Train the reward model into DIR/<stage>/ and measure it; `resume` continues from the
+    newest checkpoint in DIR/<stage>/checkpoints/."""
     timer = Timer()
     rc = cfg.rm
     d = setup_device(rc.device, rc.num_threads)
@@ -244,20 +246,23 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
     policy = load_model_dir(policy_path.parent, d.device)[0] if policy_path.exists() else None
     labelled = 0
     if rc.policy_samples and rc.data is None and policy is not None:
-        records = [json.loads(line) for line in data_path.open(encoding="utf-8")]
-        sampled = label_policy_samples(
-            policy,
-            tokenizer,
-            records,
-            rc.policy_samples,
-            rc.max_new_tokens,
-            cfg.world.pref_annotator_agreement,
-            cfg.seed,
-        )
-        write_jsonl_atomic(out / "policy_rankings.jsonl", sampled)
+        if d.is_main:  # under torchrun, the other ranks read what rank 0 sampled
+            records = [json.loads(line) for line in data_path.open(encoding="utf-8")]
+            sampled = label_policy_samples(
+                policy,
+                tokenizer,
+                records,
+                rc.policy_samples,
+                rc.max_new_tokens,
+                cfg.world.pref_annotator_agreement,
+                cfg.seed,
+            )
+            write_jsonl_atomic(out / "policy_rankings.jsonl", sampled)
+            labelled = len(sampled)
+        if d.world_size > 1:
+            dist.barrier()
         more, _ = read_pairs(out / "policy_rankings.jsonl")
         pairs += more
-        labelled = len(sampled)
     groups = group_pairs(pairs)
     eval_records: list[dict] = []
     eval_groups: list[list[Pair]] = []
@@ -281,13 +286,16 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
         f"{report['dropped_mismatched_prompt']} mismatched pairs; {max_steps} steps"
     )
 
-    def step(indices: list[int]) -> tuple[torch.Tensor, dict, int]:
+    def step(indices: list[int]) -> tuple[torch.Tensor, dict, int, float]:
         batch = [groups[i] for i in indices]
         loss, accuracy, n_tokens = pair_loss(model, tokenizer, batch, max_len, rc.center_coef)
-        return loss, {"accuracy": round(accuracy, 4)}, n_tokens
+        return loss, {"accuracy": round(accuracy, 4)}, n_tokens, len(batch)
 
-    train_on_batches(model, rc, len(groups), cfg.seed, "rm", out / "metrics.jsonl", step)
-
+    # a checkpoint resumes only the run it came from: same starting model, same comparisons
+    expect = {"base_model_sha256": sha256_file(base_dir / "model.safetensors")}
+    train_on_batches(model, rc, len(groups), cfg.seed, "rm", out, step, d, resume, expect)
+    if not d.is_main:  # under torchrun, rank 0 saves and measures
+        return {}
     if eval_records:
         figures = evaluate_rankings(model, tokenizer, eval_records, max_len)
     else:
@@ -313,5 +321,5 @@ def run(cfg: RunConfig, run_dir: Path, stage: str = "rm") -> dict:
         summary |= {f"gold_best_of_{n}": v for n, v in curve.items()}
         plot_best_of_n(curve, out / "best_of_n.png")
     console.print(f"rm: {json.dumps(summary)}")
-    summary.update(seconds=timer.seconds, device=f"{d.device.type} x 1")
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x {d.world_size}")
     return write_summary(out, summary)
