@@ -49,7 +49,7 @@ ABLATIONS: dict[str, Ablation] = {
     "sft-replay": Ablation(
         "Does replaying pretraining text limit forgetting? SFT without and with replay",
         sft.run,
-        {"no replay": ["sft.replay_fraction=0"], "replay 33%": ["sft.replay_fraction=0.33"]},
+        {"no replay": ["sft.replay_fraction=0"], "replay 50%": ["sft.replay_fraction=0.5"]},
         ["lm_loss_before", "lm_loss_after", *CHAT_FIGURES, "seconds"],
     ),
     "sft-lora": Ablation(

@@ -54,7 +54,7 @@ class WorldConfig(Section):
     n_sft_facts: int = Field(500, ge=0, le=1_000_000)
     n_sft_arithmetic: int = Field(150, ge=0, le=1_000_000)  # drawn from the n_arithmetic pool
     n_sft_refusals: int = Field(250, ge=0, le=1_000_000)
-    n_sft_benign: int = Field(350, ge=0, le=1_000_000)
+    n_sft_benign: int = Field(400, ge=0, le=1_000_000)
     n_sft_multi_turn: int = Field(150, ge=0, le=1_000_000)
     sft_system_fraction: float = Field(0.15, ge=0.0, le=1.0)  # conversations with a system turn
     # single-turn fact, word-problem and benign replies that a careless demonstrator padded or
@@ -264,8 +264,10 @@ class SFTConfig(Optimisation):
     init: Literal["pretrained", "random"] = "pretrained"  # random: same config, no pretraining
     method: Literal["full", "lora"] = "full"  # lora: train only the adapters of `sft.lora`
     lora: LoRAConfig = LoRAConfig()
-    # share of every batch's rows that are windows of pretraining text (all tokens carry loss)
-    replay_fraction: float = Field(0.33, ge=0.0, le=0.9)
+    # share of every batch's rows that are windows of pretraining text (all tokens carry loss);
+    # 0.5 keeps more of what pretraining taught: held-out facts 0.705 / 0.655 against 0.577 /
+    # 0.577 at 0.33 (seeds 0 / 1), for a third more SFT time
+    replay_fraction: float = Field(0.5, ge=0.0, le=0.9)
     replay_corpus: str | None = None  # default: this run's cleaned corpus, else the world's
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # every 1/val_fraction-th conversation
     max_len: int = Field(256, ge=8, le=1_048_576)  # tokens per conversation (whole turns kept)
