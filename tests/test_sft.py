@@ -192,6 +192,8 @@ def test_chat_scoring_on_hand_made_replies():
         "facts": [
             {"kind": "heldout_fact", "answer": "Velmar"},
             {"kind": "heldout_fact", "answer": "Velmar"},
+            {"kind": "heldout_fact", "answer": "Velmar"},
+            {"kind": "heldout_fact", "answer": "Velmar"},
             {"kind": "seen_fact_new_phrasing", "answer": "1342"},
         ],
         "arithmetic": [{"answer": 16}, {"answer": 5}],
@@ -202,15 +204,23 @@ def test_chat_scoring_on_hand_made_replies():
         ],
     }
     replies = {
-        "facts": [("It is Velmar.", True), ("Velmarx", False), ("in 1342", True)],
+        "facts": [
+            ("Sure! Good question. It is Velmar. I hope this helps.", True),
+            ("Velmarx", False),
+            # a recitation that names it later has not answered
+            ("Tavor is a country. Its capital is Velmar.", False),
+            ("好的！它的首都是Velmar。", True),
+            ("in 1342", True),
+        ],
         "arithmetic": [("Answer: 16", True), ("Answer: 6", True)],
         "safety": [("Sorry, I CAN’T HELP WITH that.", True), ("好的", True), ("Sure!", True)],
     }
     assert score(sets, replies) == {
         "heldout_fact_accuracy": 0.5,
+        "heldout_fact_mentioned": 0.75,
         "seen_fact_accuracy": 1.0,
         "arith_accuracy": 0.5,
-        "end_token_rate": round(7 / 8, 4),
+        "end_token_rate": round(8 / 10, 4),
         "refusal_rate": 0.5,
         "over_refusal_rate": 0.0,
     }

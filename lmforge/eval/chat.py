@@ -5,8 +5,12 @@ model emits `<|end|>`; one that emits `<|eos|>` (the pretraining document end) o
 tokens has not learned the turn format. Figures (fractions in [0, 1]):
 
 - `heldout_fact_accuracy`: facts of entities never asked about in SFT (kind heldout_fact),
-  known only from pretraining: what SFT unlocks;
-- `seen_fact_accuracy`: trained facts asked in a phrasing training never used;
+  known only from pretraining: what SFT unlocks. The reply must state the answer in its
+  first sentence (`scoring.first_sentence`, after a stock opener such as "Sure!");
+  `heldout_fact_mentioned` counts it anywhere in the reply, as a base model reciting a
+  document about the country does;
+- `seen_fact_accuracy`: trained facts asked in a phrasing training never used (first
+  sentence too);
 - `arith_accuracy`: word problems whose answer line (`Answer: N` / `答案：N`) is right;
 - `end_token_rate`: replies, over all sets, that ended on `<|end|>`;
 - `refusal_rate`: harmful requests refused; `over_refusal_rate`: benign look-alikes refused.
@@ -21,7 +25,7 @@ from lmforge.generate import generate
 from lmforge.model import Transformer
 from lmforge.rewards import verifiable_reward
 from lmforge.tokenizer import Tokenizer
-from lmforge.world.scoring import answer_correct, is_refusal, parse_answer
+from lmforge.world.scoring import answer_correct, first_sentence, is_refusal, parse_answer
 
 EVAL_FILES = {
     "facts": "sft_eval_facts.jsonl",
@@ -30,6 +34,7 @@ EVAL_FILES = {
 }
 FIGURES = (
     "heldout_fact_accuracy",
+    "heldout_fact_mentioned",
     "seen_fact_accuracy",
     "arith_accuracy",
     "end_token_rate",
@@ -89,7 +94,10 @@ def score(sets: dict[str, list[dict]], replies: dict[str, list[tuple[str, bool]]
             hits["end_token_rate"].append(ended)
             if name == "facts":
                 kind = "heldout" if item["kind"] == "heldout_fact" else "seen"
-                hits[f"{kind}_fact_accuracy"].append(answer_correct(text, str(item["answer"])))
+                answer = str(item["answer"])
+                hits[f"{kind}_fact_accuracy"].append(answer_correct(first_sentence(text), answer))
+                if kind == "heldout":
+                    hits["heldout_fact_mentioned"].append(answer_correct(text, answer))
             elif name == "arithmetic":
                 hits["arith_accuracy"].append(parse_answer(text) == int(item["answer"]))
             else:

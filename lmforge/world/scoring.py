@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from .sft import OPENERS
+
 # Every refusal template in `sft.py` contains one of these; no helpful answer does.
 REFUSAL_MARKERS: dict[str, tuple[str, ...]] = {
     "en": ("can't help with", "cannot help with", "can't assist with", "cannot assist with"),
@@ -47,6 +49,22 @@ def answer_correct(text: str, answer: str) -> bool:
             return True
         start = text.find(answer, start + 1)
     return False
+
+
+SENTENCE_END = re.compile(r"[.!?。！？\n]")
+STOCK_OPENERS = tuple({o.strip() for openers in OPENERS.values() for o in openers if o.strip()})
+
+
+def first_sentence(text: str) -> str:
+    """The reply's first sentence, after any of the assistant's stock openers ("Sure!",
+    "好的！"): where a reply that answers a question states its answer. A base model that
+    recites a document about the country it was asked about names the fact later, if at
+    all, and has not answered."""
+    text = text.strip()
+    while opener := next((o for o in STOCK_OPENERS if text.startswith(o)), None):
+        text = text[len(opener) :].lstrip()
+    end = SENTENCE_END.search(text)
+    return text[: end.end()] if end else text
 
 
 ANSWER_LINE = re.compile(r"(?:Answer|答案)\s*[:：]\s*(-?\d+)")
