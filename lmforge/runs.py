@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ConfigError, RunConfig, to_toml
-from lmforge.io import write_json_atomic
+from lmforge.io import write_json_atomic, write_text_atomic
 
 # where the tokenizer and pretraining look for their corpus: the cleaned one first
 CORPUS_CANDIDATES = ["clean/corpus", "world/corpus.jsonl"]
 
 
 def stage_dir(run_dir: Path, stage: str, cfg: RunConfig) -> Path:
-    """Create DIR/<stage>/ and record the resolved config in it."""
+    """Create DIR/<stage>/ and record the resolved config in it (atomically: under torchrun
+    every rank writes the same file)."""
     directory = Path(run_dir) / stage
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    write_text_atomic(directory / "config.toml", to_toml(cfg))
     return directory
 
 

@@ -207,12 +207,19 @@ def train_on_batches(
 
     Under torchrun every rank takes every world_size-th index of the step's batch; its loss
     counts by its share of the batch's weight and the gradients are summed over ranks, so
-    the step is the one a single process takes on the whole batch (logged loss and metrics
-    too, as weighted means).
+    the step is the one a single process takes on the whole batch for a loss that is a
+    weighted mean over items (DPO, the reward model without centring). What a rank estimates
+    from its own items (KTO's reference point, the reward model's centring term) and the
+    logged metrics, means of the ranks' means weighted by their shares, can differ a little.
 
     Every `section.checkpoint_every` steps and after the last, out/checkpoints/ gets the
     model, optimiser and RNG; `resume` continues from the newest (`start_log`), refusing one
     written with other `expect` values or another batch size, which would draw other items."""
+    if section.batch_size < d.world_size:
+        raise ConfigError(
+            f"{name}.batch_size {section.batch_size} leaves some of the {d.world_size} "
+            "processes without an item: set it to at least the number of processes"
+        )
     max_steps = planned_steps(section, n_items)
     optimizer = build_optimizer(
         model, section.lr, section.weight_decay, (section.beta1, section.beta2)

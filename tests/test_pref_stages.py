@@ -254,3 +254,8 @@ def test_two_processes_match_one_process(stage, tiny_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     start = load_tensors(tiny_run / "sft" / "model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in a)  # and they did train
+    # a batch smaller than the number of processes would leave one without items
+    proc = subprocess.run(
+        [*cmd, f"{stage}.batch_size=1"], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert proc.returncode != 0 and "leaves some of the 2 processes without" in proc.stderr

@@ -245,7 +245,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "rm") 
     policy_path = run_dir / "sft" / "model.safetensors"
     policy = load_model_dir(policy_path.parent, d.device)[0] if policy_path.exists() else None
     labelled = 0
-    if rc.policy_samples and rc.data is None and policy is not None:
+    own_replies = bool(rc.policy_samples and rc.data is None and policy is not None)
+    if own_replies:
         if d.is_main:  # under torchrun, the other ranks read what rank 0 sampled
             records = [json.loads(line) for line in data_path.open(encoding="utf-8")]
             sampled = label_policy_samples(
@@ -292,7 +293,13 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "rm") 
         return loss, {"accuracy": round(accuracy, 4)}, n_tokens, len(batch)
 
     # a checkpoint resumes only the run it came from: same starting model, same comparisons
-    expect = {"base_model_sha256": sha256_file(base_dir / "model.safetensors")}
+    # (the SFT model's replies are sampled again, the same on a CPU)
+    expect = {
+        "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
+        "data_sha256": sha256_file(data_path),
+    }
+    if own_replies:
+        expect["policy_rankings_sha256"] = sha256_file(out / "policy_rankings.jsonl")
     train_on_batches(model, rc, len(groups), cfg.seed, "rm", out, step, d, resume, expect)
     if not d.is_main:  # under torchrun, rank 0 saves and measures
         return {}
