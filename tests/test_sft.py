@@ -252,7 +252,7 @@ def test_tiny_pipeline_with_sft(tiny_run):
     assert summary["lm_loss_before"] == pytest.approx(pretrain["val_loss"], rel=0.1)
     # the tiny base had only 80 steps: the default replay (a third of every batch) goes on
     # teaching it pretraining text, so its loss there falls (see the replay test for forgetting)
-    assert summary["replay_fraction"] == pytest.approx(1 / 3, abs=1e-3)  # 2 rows of 6
+    assert summary["replay_fraction"] == 0.5  # 4 rows of 8
     assert summary["lm_loss_after"] < summary["lm_loss_before"]
     for name in ("model.safetensors", "model.json", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (tiny_run / "sft" / name).exists(), name
@@ -311,7 +311,7 @@ def test_replay_of_pretraining_text_limits_forgetting(tiny_run):
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads((tiny_run / "ablations" / "sft-replay.json").read_text())["figures"]
-    without, replay = figures["no replay"], figures["replay 33%"]
+    without, replay = figures["no replay"], figures["replay 50%"]
     assert without["lm_loss_before"] == replay["lm_loss_before"]
     assert without["lm_loss_after"] > without["lm_loss_before"]
     assert replay["lm_loss_after"] < without["lm_loss_after"] - 0.05
