@@ -241,10 +241,7 @@ def train_on_batches(
             loss, metrics, n_tokens, weight = step(next(batches)[d.rank :: d.world_size])
             share = weight / all_reduce_sum(weight, d)
             (loss * share).backward()
-            if d.world_size > 1:
-                for p in params:
-                    if p.grad is not None:  # a part the loss does not reach has none anywhere
-                        dist.all_reduce(p.grad)
+            sum_gradients_over_ranks(params, d)
             torch.nn.utils.clip_grad_norm_(params, section.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -259,6 +256,21 @@ def train_on_batches(
                     out / "checkpoints", done, model, optimizer, checkpoint, section.keep_last
                 )
     return loss_value
+
+
+def sum_gradients_over_ranks(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Replace each gradient by its sum over the ranks, in one collective of all of them
+    flattened (one per parameter would cost a round trip each, every step); a parameter the
+    loss does not reach has no gradient on any rank and is left out."""
+    if d.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def weighted_mean_over_ranks(
