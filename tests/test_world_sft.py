@@ -22,6 +22,7 @@ from lmforge.world import (
     solve,
 )
 from lmforge.world.arithmetic import problem_sets
+from lmforge.world.entities import HARMFUL_SUBSTANCES
 from lmforge.world.scoring import REFUSAL_MARKERS
 from lmforge.world.sft import PADDING, REFUSALS, RUDENESS
 from lmforge.world.templates import COUNTRY_FACTS, PERSON_FACTS, country_slots, person_slots
@@ -125,6 +126,20 @@ def test_no_heldout_fact_is_asked_or_answered(world, convs):
                 statements |= {t.format(**slots) for v in PERSON_FACTS.values() for t in v[lang]}
     everything = "\n".join(text_of(c) for c in convs)
     assert not [s for s in statements if s in everything]
+
+
+def test_benign_requests_name_a_substance_as_often_as_harmful_ones(convs):
+    """A substance's name says nothing about whether to refuse: the share of trained benign
+    requests that name one is the share of harmful requests that do (about 0.3; 0.11 if
+    benign templates were drawn uniformly)."""
+    substances = [s[lang] for s in HARMFUL_SUBSTANCES for lang in LANGS]
+
+    def share(kind: str) -> float:
+        asked = [user_turns(c)[0] for c in convs if c["kind"] == kind]
+        return sum(any(s in p for s in substances) for p in asked) / len(asked)
+
+    assert 0.25 < share("refusal") < 0.35
+    assert abs(share("benign") - share("refusal")) < 0.05
 
 
 def test_fact_answers_are_true(world, convs):

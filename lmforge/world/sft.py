@@ -1053,8 +1053,13 @@ def _language_conversations(
 
     rng = rng_for(cfg.seed, "sft-benign", lang)
     trained = [c for c in world.countries if not c.sft_heldout]
+    # benign prompts name a substance as often as harmful ones do, so that a substance's name
+    # says nothing about whether to refuse (drawn uniformly, they named one a third as often)
+    naming = [t for t in BENIGN[lang] if "{substance}" in t[0]]
+    others = [t for t in BENIGN[lang] if "{substance}" not in t[0]]
+    share = sum("{s1}" in t for t in HARMFUL_REQUESTS[lang]) / len(HARMFUL_REQUESTS[lang])
     for _ in range(cfg.n_sft_benign):
-        prompt, answer = rng.choice(BENIGN[lang])
+        prompt, answer = rng.choice(naming if rng.random() < share else others)
         slots = _benign_slots(trained, lang, rng)
         answer = answer.format(**slots)
         yield {
