@@ -56,6 +56,9 @@ class WorldConfig(Section):
     n_sft_refusals: int = Field(250, ge=0, le=1_000_000)
     n_sft_benign: int = Field(400, ge=0, le=1_000_000)
     n_sft_multi_turn: int = Field(150, ge=0, le=1_000_000)
+    # judging demonstrations under the constitution of lmforge/judge.py: what lets the SFT
+    # model judge its own replies (rlaif, grpo.judge=policy)
+    n_sft_judge: int = Field(40, ge=0, le=1_000_000)
     sft_system_fraction: float = Field(0.15, ge=0.0, le=1.0)  # conversations with a system turn
     # single-turn fact, word-problem and benign replies that a careless demonstrator padded or
     # made rude (world/sft.py `careless`): the flaws preference learning can remove

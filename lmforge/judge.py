@@ -24,12 +24,13 @@ import torch
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
-CONSTITUTION = """Principles for a good answer:
-1. It answers what was asked, and what it states is true.
-2. A word problem is worked in steps and ends with the line "Answer: N".
-3. It is short: nothing before or after the answer that the question did not ask for.
-4. It is polite.
-5. It refuses a request that could harm people, and never refuses a harmless one."""
+# terse, because every verdict (and every judging demonstration in SFT) reads it whole
+CONSTITUTION = """A good answer:
+1. is true and answers the question;
+2. works a word problem in steps and ends with "Answer: N";
+3. is short;
+4. is polite;
+5. refuses harm, and only harm."""
 
 SCORE_QUESTION = (
     "Question: {question}\n\nAnswer: {answer}\n\n"

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from lmforge.config import WorldConfig
+from lmforge.judge import CONSTITUTION
 from lmforge.world import (
     ANSWER_PREFIX,
     answer_correct,
@@ -29,7 +30,7 @@ from lmforge.world.templates import COUNTRY_FACTS, PERSON_FACTS, country_slots, 
 
 DEFAULT = WorldConfig()
 LANGS = ("en", "zh")
-KINDS = ("fact", "arithmetic", "refusal", "benign", "multi_turn")
+KINDS = ("fact", "arithmetic", "refusal", "benign", "multi_turn", "judge")
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +80,17 @@ def test_sizes_follow_the_config(world, convs):
         assert counts[lang, "refusal"] == DEFAULT.n_sft_refusals
         assert counts[lang, "benign"] == DEFAULT.n_sft_benign
         assert counts[lang, "multi_turn"] == DEFAULT.n_sft_multi_turn
+        assert counts[lang, "judge"] == DEFAULT.n_sft_judge
     assert 2000 <= len(convs) <= 4000  # a few minutes of fine-tuning for a ~4M model on a CPU
-    with_system = sum(c["messages"][0]["role"] == "system" for c in convs)
-    assert abs(with_system / len(convs) - DEFAULT.sft_system_fraction) < 0.03
+    asked = [c for c in convs if c["kind"] != "judge"]  # a judging one opens with the constitution
+    with_system = sum(c["messages"][0]["role"] == "system" for c in asked)
+    assert abs(with_system / len(asked) - DEFAULT.sft_system_fraction) < 0.03
     small = DEFAULT.model_copy(
         update={"n_sft_facts": 7, "n_sft_arithmetic": 3, "n_sft_refusals": 0, "n_sft_benign": 2}
     )
-    small = small.model_copy(update={"n_sft_multi_turn": 1, "languages": ["zh"]})
+    small = small.model_copy(update={"n_sft_multi_turn": 1, "n_sft_judge": 4, "languages": ["zh"]})
     counts = Counter(c["kind"] for c in sft_conversations(world, small))
-    assert counts == {"fact": 7, "arithmetic": 3, "benign": 2, "multi_turn": 1}
+    assert counts == {"fact": 7, "arithmetic": 3, "benign": 2, "multi_turn": 1, "judge": 4}
     safety = sft_eval_safety(world, small)
     assert Counter(x["expect"] for x in safety) == {"refuse": 50, "answer": 50}
     facts = sft_eval_facts(world, small)
@@ -126,6 +129,37 @@ def test_no_heldout_fact_is_asked_or_answered(world, convs):
                 statements |= {t.format(**slots) for v in PERSON_FACTS.values() for t in v[lang]}
     everything = "\n".join(text_of(c) for c in convs)
     assert not [s for s in statements if s in everything]
+
+
+def test_judging_demonstrations_prefer_the_careful_reply(convs):
+    """A judging demonstration asks in `judge.Judge.prefer`'s words, under the constitution,
+    which of two replies to a fact question is better: a careful one, or the same reply
+    padded, rude or refused, in either order (each about half the time, each flaw about a
+    third); the verdict is the careful one's letter."""
+
+    def flawed(reply: str, lang: str) -> bool:
+        careless = PADDING[lang] in reply or RUDENESS[lang][1] in reply
+        return careless or is_refusal(reply, lang)
+
+    compare = re.compile(r"Answer A: (.*)\n\nAnswer B: (.*)\n\nWhich answer", re.S)
+    verdicts, flaws = Counter(), Counter()
+    for conv in convs:
+        if conv["kind"] != "judge":
+            continue
+        system, ask, verdict = conv["messages"]
+        lang = conv["lang"]
+        assert system == {"role": "system", "content": CONSTITUTION}
+        a, b = compare.search(ask["content"]).groups()
+        assert flawed(a, lang) != flawed(b, lang), ask
+        assert verdict["content"] == ("B" if flawed(a, lang) else "A")
+        verdicts[verdict["content"]] += 1
+        bad = a if flawed(a, lang) else b
+        padded, rude = PADDING[lang] in bad, RUDENESS[lang][1] in bad
+        flaws["padded" if padded else "rude" if rude else "refused"] += 1
+    n = sum(verdicts.values())
+    assert n == 2 * DEFAULT.n_sft_judge
+    assert abs(verdicts["A"] / n - 0.5) < 0.1, verdicts
+    assert len(flaws) == 3 and min(flaws.values()) > 0.2 * n, flaws  # about a third each
 
 
 def test_benign_requests_name_a_substance_as_often_as_harmful_ones(convs):

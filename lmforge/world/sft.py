@@ -1,10 +1,12 @@
 """SFT conversations and the SFT evaluation sets.
 
-Training conversations (`sft_conversations`) teach the chat format on five kinds: fact
+Training conversations (`sft_conversations`) teach the chat format on six kinds: fact
 questions answered with the fact's canonical sentence, arithmetic word problems answered with
 the corpus's worked steps and answer line, refusals of harmful requests (the fictional weapon
 class of `entities.py`), helpful answers to benign requests that merely look harmful (so the
-model does not learn to refuse every mention of a bomb), and two-turn follow-ups.
+model does not learn to refuse every mention of a bomb), judging demonstrations (which of two
+replies follows the constitution of `lmforge/judge.py`, so that the model can judge its own
+replies), and two-turn follow-ups.
 
 What SFT never sees is what the evaluation sets measure:
 
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from lmforge.config import WorldConfig
+from lmforge.judge import COMPARE_QUESTION, CONSTITUTION
 
 from .arithmetic import Problem, problem_sets
 from .entities import HARMFUL_SUBSTANCES, HARMFUL_WEAPONS, Country, Person, World, rng_for
@@ -1067,6 +1070,10 @@ def _language_conversations(
             "kind": "benign",
         }
 
+    rng = rng_for(cfg.seed, "sft-judge", lang)
+    for _ in range(cfg.n_sft_judge):
+        yield {"messages": judging(world, lang, rng), "kind": "judge"}
+
     rng = rng_for(cfg.seed, "sft-multi-turn", lang)
     for country in _cycle(trained, cfg.n_sft_multi_turn, rng):
         first, second = rng.sample(COUNTRY_KINDS, 2)
@@ -1082,11 +1089,35 @@ def _language_conversations(
         }
 
 
+def judging(world: World, lang: str, rng: random.Random) -> list[dict]:
+    """One judging demonstration, in the words of `judge.Judge.prefer`: a trained fact
+    question, a careful reply and the same reply padded (the constitution's principle 3),
+    signed off rudely (4) or refused (5), in either order, and the careful one's letter as the
+    verdict. The verdict is the principle's, never an annotator's or the gold scorer's. (Fact
+    replies are the short ones: two benign replies would not fit in SFT's context, and the
+    one-reply `Judge.score` question is not taught, to keep SFT within its five minutes.)"""
+    entity, kind = rng.choice(_facts(world, heldout=False))
+    slots = _slots(world, entity, lang)
+    question = rng.choice(QUESTIONS[kind][lang]).format(**slots)
+    body = canonical(kind, lang, slots)
+    careful = polite(body, lang, rng)
+    # the flaws as `careless` writes them, which is how the SFT model will write them
+    flawed = rng.choice((pad(body, lang), body + RUDENESS[lang][1], rng.choice(REFUSALS[lang])))
+    first = rng.random() < 0.5
+    a, b = (careful, flawed) if first else (flawed, careful)
+    return [
+        {"role": "system", "content": CONSTITUTION},
+        {"role": "user", "content": COMPARE_QUESTION.format(question=question, a=a, b=b)},
+        {"role": "assistant", "content": "A" if first else "B"},
+    ]
+
+
 def sft_conversations(world: World, cfg: WorldConfig) -> list[dict]:
     """Training conversations `{"messages", "kind", "lang"}` per language: `n_sft_facts`
     fact questions, `n_sft_arithmetic` word problems, `n_sft_refusals` harmful requests,
-    `n_sft_benign` benign look-alikes and `n_sft_multi_turn` two-turn conversations, shuffled;
-    a fraction `sft_system_fraction` of them opens with a system message. No fact of an
+    `n_sft_benign` benign look-alikes, `n_sft_judge` judging demonstrations (`judging`) and
+    `n_sft_multi_turn` two-turn conversations, shuffled; a fraction `sft_system_fraction` of
+    the others opens with a system message. No fact of an
     `sft_heldout` entity is ever asked or stated.
 
     Demonstrators are of uneven care, as people hired to write them are: a fraction
@@ -1102,7 +1133,8 @@ def sft_conversations(world: World, cfg: WorldConfig) -> list[dict]:
         rng = rng_for(cfg.seed, "sft-order", lang)
         rng.shuffle(convs)
         for conv in convs:
-            if rng.random() < cfg.sft_system_fraction:
+            # a judging demonstration's system message is the constitution
+            if rng.random() < cfg.sft_system_fraction and conv["kind"] != "judge":
                 system = {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])}
                 conv["messages"] = [system, *conv["messages"]]
         out.extend(convs)
