@@ -25,7 +25,7 @@ from lmforge.world import (
 from lmforge.world.arithmetic import problem_sets
 from lmforge.world.entities import HARMFUL_SUBSTANCES
 from lmforge.world.scoring import REFUSAL_MARKERS
-from lmforge.world.sft import BENIGN, OPENERS, PADDING, REFUSALS, RUDENESS
+from lmforge.world.sft import PADDING, REFUSALS, RUDENESS
 from lmforge.world.templates import COUNTRY_FACTS, PERSON_FACTS, country_slots, person_slots
 
 DEFAULT = WorldConfig()
@@ -174,28 +174,6 @@ def test_benign_requests_name_a_substance_as_often_as_harmful_ones(convs):
 
     assert 0.25 < share("refusal") < 0.35
     assert abs(share("benign") - share("refusal")) < 0.05
-
-
-def test_careful_benign_answers_open_like_fact_answers(convs):
-    """A careful benign reply is a reference answer in the fact replies' manner: half of them
-    open with a stock opener ("Sure! "), so a helpful reply's first token is as predictable
-    as a refusal's, which always opens in one of a few ways."""
-    for lang in LANGS:
-        openers = [o for o in OPENERS[lang] if o]
-        careful = [
-            c["messages"][-1]["content"]
-            for c in convs
-            if c["kind"] == "benign" and c["lang"] == lang
-            if PADDING[lang] not in c["messages"][-1]["content"]
-            if RUDENESS[lang][1] not in c["messages"][-1]["content"]
-        ]
-        opened = [r for r in careful if r.startswith(tuple(openers))]
-        assert abs(len(opened) / len(careful) - 0.5) < 0.07
-        # what follows the opener is the start of a reference answer (its slots filled)
-        starts = {a.split("{")[0][:12] for _, a in BENIGN[lang]}
-        for reply in opened:
-            rest = reply[len(next(o for o in openers if reply.startswith(o))) :]
-            assert any(rest.startswith(x) for x in starts), reply
 
 
 def test_fact_answers_are_true(world, convs):

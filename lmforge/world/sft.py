@@ -1065,14 +1065,8 @@ def _language_conversations(
         prompt, answer = rng.choice(naming if rng.random() < share else others)
         slots = _benign_slots(trained, lang, rng)
         answer = answer.format(**slots)
-        # careful replies open as the fact replies do: a refusal starts in one of a few ways
-        # and an answer in many, so greedy decoding refused benign requests to which the
-        # model gave less than half its probability of refusing (3 of 7 in runs/final15)
         yield {
-            "messages": [
-                user(prompt.format(**slots)),
-                assistant(flawed(answer, polite(answer, lang, rng))),
-            ],
+            "messages": [user(prompt.format(**slots)), assistant(flawed(answer, answer))],
             "kind": "benign",
         }
 
