@@ -57,8 +57,10 @@ class WorldConfig(Section):
     n_sft_benign: int = Field(400, ge=0, le=1_000_000)
     n_sft_multi_turn: int = Field(150, ge=0, le=1_000_000)
     # judging demonstrations under the constitution of lmforge/judge.py: what lets the SFT
-    # model judge its own replies (rlaif, grpo.judge=policy)
-    n_sft_judge: int = Field(40, ge=0, le=1_000_000)
+    # model judge its own replies (rlaif, grpo.judge=policy). Off by default: 40 of them made
+    # RLAIF win (0.557 against SFT) but over-refusal unstable (0.07 and 0.19 at two seeds,
+    # against 0.02-0.04 without them), so an RLAIF run asks for them
+    n_sft_judge: int = Field(0, ge=0, le=1_000_000)
     sft_system_fraction: float = Field(0.15, ge=0.0, le=1.0)  # conversations with a system turn
     # single-turn fact, word-problem and benign replies that a careless demonstrator padded or
     # made rude (world/sft.py `careless`): the flaws preference learning can remove

@@ -33,7 +33,6 @@ TINY_WORLD = WorldConfig(
     n_sft_refusals=0,
     n_sft_benign=0,
     n_sft_multi_turn=0,
-    n_sft_judge=0,
     n_sft_eval_seen=2,
     n_sft_eval_safety=2,
 )

@@ -131,7 +131,7 @@ def test_no_heldout_fact_is_asked_or_answered(world, convs):
     assert not [s for s in statements if s in everything]
 
 
-def test_judging_demonstrations_prefer_the_careful_reply(convs):
+def test_judging_demonstrations_prefer_the_careful_reply(world):
     """A judging demonstration asks in `judge.Judge.prefer`'s words, under the constitution,
     which of two replies to a fact question is better: a careful one, or the same reply
     padded, rude or refused, in either order (each about half the time, each flaw about a
@@ -141,6 +141,8 @@ def test_judging_demonstrations_prefer_the_careful_reply(convs):
         careless = PADDING[lang] in reply or RUDENESS[lang][1] in reply
         return careless or is_refusal(reply, lang)
 
+    cfg = DEFAULT.model_copy(update={"n_sft_judge": 60})
+    convs = sft_conversations(world, cfg)
     compare = re.compile(r"Answer A: (.*)\n\nAnswer B: (.*)\n\nWhich answer", re.S)
     verdicts, flaws = Counter(), Counter()
     for conv in convs:
@@ -157,7 +159,7 @@ def test_judging_demonstrations_prefer_the_careful_reply(convs):
         padded, rude = PADDING[lang] in bad, RUDENESS[lang][1] in bad
         flaws["padded" if padded else "rude" if rude else "refused"] += 1
     n = sum(verdicts.values())
-    assert n == 2 * DEFAULT.n_sft_judge
+    assert n == 2 * cfg.n_sft_judge
     assert abs(verdicts["A"] / n - 0.5) < 0.1, verdicts
     assert len(flaws) == 3 and min(flaws.values()) > 0.2 * n, flaws  # about a third each
 
