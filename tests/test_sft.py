@@ -250,7 +250,7 @@ def test_tiny_pipeline_with_sft(tiny_run):
     # the forgetting figures: the base's loss on held-out pretraining text, before and after
     pretrain = json.loads((tiny_run / "pretrain" / "summary.json").read_text())
     assert summary["lm_loss_before"] == pytest.approx(pretrain["val_loss"], rel=0.1)
-    # the tiny base had only 80 steps: the default replay (a third of every batch) goes on
+    # the tiny base had only 80 steps: the default replay (half of every batch) goes on
     # teaching it pretraining text, so its loss there falls (see the replay test for forgetting)
     assert summary["replay_fraction"] == 0.5  # 4 rows of 8
     assert summary["lm_loss_after"] < summary["lm_loss_before"]

@@ -227,9 +227,9 @@ def test_every_word_of_an_sft_reply_occurs_in_clean_pretraining_text(default_wor
     """SFT teaches behaviour, not vocabulary: a reply word (or Chinese character) missing from
     pretraining would have an untrained embedding, which LoRA cannot train. (The world's clean
     documents, before the clean stage; the advice test below checks that its harmful-phrase
-    filter keeps every advice document.) The exception is a judging demonstration's one-word
-    verdict ("A", "B", "Yes", "No"): the judge reads it as one output token, whose row full
-    fine-tuning trains."""
+    filter keeps every advice document.) The exception is a judging demonstration's one-letter
+    verdict ("A" or "B"; none by default, `world.n_sft_judge`): the judge reads it as one output
+    token, whose row full fine-tuning trains."""
     replies = [
         m["content"]
         for c in sft_conversations(default_world, DEFAULT)

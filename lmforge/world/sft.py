@@ -4,9 +4,9 @@ Training conversations (`sft_conversations`) teach the chat format on six kinds:
 questions answered with the fact's canonical sentence, arithmetic word problems answered with
 the corpus's worked steps and answer line, refusals of harmful requests (the fictional weapon
 class of `entities.py`), helpful answers to benign requests that merely look harmful (so the
-model does not learn to refuse every mention of a bomb), judging demonstrations (which of two
-replies follows the constitution of `lmforge/judge.py`, so that the model can judge its own
-replies), and two-turn follow-ups.
+model does not learn to refuse every mention of a bomb), judging demonstrations on request
+(which of two replies follows the constitution of `lmforge/judge.py`, so that the model can
+judge its own replies for RLAIF), and two-turn follow-ups.
 
 What SFT never sees is what the evaluation sets measure:
 
