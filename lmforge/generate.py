@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmforge.model import KVCache, Transformer
+from lmforge.model.transformer import attention_mask
 
 
 def sample_next(
@@ -69,9 +70,10 @@ def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return picks.squeeze(-1)
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) left-padded to the longest prompt, and (B, T) True on real tokens."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(prompts), width), dtype=torch.bool)
@@ -82,27 +84,37 @@ def _left_pad(
     return ids.to(device), valid.to(device)
 
 
-def _causal(q_start: int, q_end: int, device) -> torch.Tensor:
-    """(1, 1, T, S) bool: query q_start + i may see keys 0 .. q_start + i."""
-    s = torch.arange(q_end, device=device)
-    return (s[None, :] <= s[q_start:q_end, None])[None, None]
-
-
-def _attention_mask(
-    valid: torch.Tensor, q_start: int, q_end: int, padded: bool
-) -> torch.Tensor | None:
-    """The mask for queries q_start..q_end-1 over keys 0..q_end-1, or None where the
-    model's own causal path is exact (no padding, and no queries offset into the cache)."""
-    single = q_end - q_start == 1
-    if not padded:
-        return None if single or q_start == 0 else _causal(q_start, q_end, valid.device)
-    mask = valid[:, None, None, :q_end]  # (B, 1, 1, S): real keys only
-    if not single:
-        mask = mask & _causal(q_start, q_end, valid.device)
-    # a padding query attends to itself so that its (unused) row is not all -inf
-    eye = torch.zeros_like(mask[:1])
-    eye[..., torch.arange(q_end - q_start), torch.arange(q_start, q_end)] = True
-    return mask | eye
+def _prefill(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    max_len: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """The logits (B, V) after each prompt (ids (B, T0) left-padded, valid and positions
+    (B, >= T0)) and a cache of max_len positions holding the prompts; each distinct prompt
+    is computed once (the G rows of a GRPO group, best-of-N's samples)."""
+    first_row: dict[tuple[int, ...], int] = {}
+    for b, p in enumerate(prompts):
+        first_row.setdefault(tuple(p), b)
+    distinct = torch.tensor(list(first_row.values()), device=ids.device)
+    T0 = ids.size(1)
+    padded = not bool(valid[distinct, :T0].all())
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.cfg, len(distinct), max_len, ids.device, dtype)
+    hidden = model.hidden_states(
+        ids[distinct],
+        positions=positions[distinct, :T0] if padded else None,
+        mask=attention_mask(valid[distinct], 0, T0, padded),
+        cache=cache,
+    )
+    logits = model.lm_head(hidden[:, -1])
+    if len(distinct) == len(prompts):
+        return logits, cache
+    order = {key: u for u, key in enumerate(first_row)}
+    rows = torch.tensor([order[tuple(p)] for p in prompts], device=ids.device)
+    return logits[rows], KVCache(cache.k[:, rows], cache.v[:, rows], cache.length)
 
 
 @dataclass
@@ -155,11 +167,10 @@ def decode_steps(
     if len(budgets) != len(prompts) or min(budgets) < 1:
         raise ValueError("generate: need one token budget >= 1 per prompt")
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    ids, valid = _left_pad(prompts, pad_id, device)
+    ids, valid = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
     steps = max(budgets)
     if T0 + steps > model.cfg.max_seq_len:
@@ -175,22 +186,23 @@ def decode_steps(
     last_step = torch.tensor(budgets, device=device) - 1  # (B,) a row's final step index
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    cache = KVCache.empty(model.cfg, B, T0 + steps, device, dtype) if use_cache else None
-    seq = ids
-    step_input, q_start = ids, 0
+    seq, cache, nxt = ids, None, ids[:, -1]  # nxt: the last token each row has
     with model.inference_layout():
         for t in range(steps):
             q_end = T0 + t
-            if not use_cache:
-                step_input, q_start = seq, 0
-            pos = positions[:, q_start:q_end] if padded else None
-            hidden = model.hidden_states(
-                step_input,
-                positions=pos,
-                mask=_attention_mask(valid, q_start, q_end, padded),
-                cache=cache,
-            )
-            logits = model.lm_head(hidden[:, -1])  # only the last position's are needed
+            if use_cache and t == 0:
+                logits, cache = _prefill(model, prompts, ids, valid, positions, T0 + steps)
+            else:
+                # with the cache, only the token drawn last step; without, the whole sequence
+                step_input, q_start = (nxt[:, None], q_end - 1) if use_cache else (seq, 0)
+                pos = positions[:, q_start:q_end] if padded else None
+                hidden = model.hidden_states(
+                    step_input,
+                    positions=pos,
+                    mask=attention_mask(valid, q_start, q_end, padded),
+                    cache=cache,
+                )
+                logits = model.lm_head(hidden[:, -1])  # only the last position's are needed
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_id, nxt)
             logprobs = None
@@ -202,7 +214,6 @@ def decode_steps(
             if bool(done.all()):
                 break
             seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
-            step_input, q_start = nxt[:, None], q_end
 
 
 def sample_completions(

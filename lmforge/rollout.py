@@ -24,7 +24,7 @@ import torch
 
 from lmforge.config import OnlineRL
 from lmforge.eval.chat import chat_prompts
-from lmforge.generate import sample_completions
+from lmforge.generate import left_pad, sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -80,22 +80,55 @@ def rollout(
     return out
 
 
-def training_batch(
-    rollouts: list[Rollout], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs x (B, T), targets y (B, T) with -100 off the reply, and the sampling
-    log-probs (B, T) at the reply's target positions (0 elsewhere); rows right-padded."""
-    width = max(len(r.prompt) + len(r.tokens) - 1 for r in rollouts)
-    x = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rollouts), width), IGNORE_INDEX, dtype=torch.long)
+@dataclass
+class ReplyBatch:
+    """Rollouts laid out for a training step, each distinct prompt once: the G replies of a
+    group attend to one computation of their prompt (`Transformer.continue_prefixes`), and
+    logits are computed only where they predict a reply token."""
+
+    prompts: torch.Tensor  # (P, Tp) the distinct prompts, left-padded
+    prompt_valid: torch.Tensor  # (P, Tp) True on their real tokens
+    rows: torch.Tensor  # (B,) the prompt of each reply
+    inputs: torch.Tensor  # (B, Tr - 1) the replies without their last token, right-padded
+    targets: torch.Tensor  # (B, Tr) the replies, -100 past each one's end
+    old: torch.Tensor  # (B, Tr) the sampling log-probs of the targets (0 past the end)
+
+    def to(self, device: torch.device) -> ReplyBatch:
+        return ReplyBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def reply_batch(rollouts: list[Rollout], pad_id: int) -> ReplyBatch:
+    """The rollouts' `ReplyBatch`; prompts are told apart by their tokens."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(r.prompt), len(index)) for r in rollouts]
+    prompts, valid = left_pad([list(p) for p in index], pad_id, "cpu")
+    width = max(len(r.tokens) for r in rollouts)
+    targets = torch.full((len(rollouts), width), IGNORE_INDEX, dtype=torch.long)
     old = torch.zeros((len(rollouts), width))
     for b, r in enumerate(rollouts):
-        ids = r.prompt + r.tokens
-        x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
-        start = len(r.prompt) - 1  # the position whose target is the reply's first token
-        y[b, start : start + len(r.tokens)] = torch.tensor(r.tokens)
-        old[b, start : start + len(r.tokens)] = torch.tensor(r.logprobs)
-    return x, y, old
+        targets[b, : len(r.tokens)] = torch.tensor(r.tokens)
+        old[b, : len(r.tokens)] = torch.tensor(r.logprobs)
+    inputs = targets[:, :-1].masked_fill(targets[:, :-1] == IGNORE_INDEX, pad_id)
+    return ReplyBatch(prompts, valid, torch.tensor(rows), inputs, targets, old)
+
+
+def reply_hidden(
+    model: Transformer, batch: ReplyBatch, mb: list[int] | None = None
+) -> torch.Tensor:
+    """The final hidden states (b, Tr, C) that predict each reply token of the rows `mb`
+    (default: all), each prompt computed once."""
+    rows = batch.rows if mb is None else batch.rows[mb]
+    inputs = batch.inputs if mb is None else batch.inputs[mb]
+    used, local = torch.unique(rows, return_inverse=True)
+    return model.continue_prefixes(batch.prompts[used], batch.prompt_valid[used], inputs, local)
+
+
+def reply_logits(
+    model: Transformer, batch: ReplyBatch, mb: list[int] | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Logits (b, Tr, V) of the reply tokens of rows `mb` (`reply_hidden`), over temperature."""
+    logits = model.lm_head(reply_hidden(model, batch, mb))
+    return logits if temperature == 1.0 else logits / temperature  # a pass over B x Tr x V saved
 
 
 def update_passes(

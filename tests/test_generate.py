@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.generate import generate, invert_cdf, sample_next
+from lmforge.generate import generate, invert_cdf, sample_completions, sample_next
 
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 26], [42], [7, 7, 8, 100, 2]]
 
@@ -42,6 +42,28 @@ def test_reference_outputs_vary(reference):
 def test_batched_greedy_equals_each_prompt_alone(model, reference, use_cache):
     out = generate(model, PROMPTS, 10, temperature=0.0, use_cache=use_cache)
     assert out == reference
+
+
+def test_repeated_prompts_share_a_prefill_and_decode_as_if_alone(model, reference):
+    # rows 0, 2 and 3 repeat prompt 1 and row 4 prompt 0 (a GRPO group, best-of-N): the
+    # prompts are computed once, then each row decodes on its own copy of the cache
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    out = generate(model, prompts, 10, temperature=0.0)
+    assert out == [
+        reference[1],
+        reference[0],
+        reference[1],
+        reference[1],
+        reference[0],
+        reference[2],
+    ]
+    # sampled: the same draws and log-probabilities as the path without a cache
+    cached = sample_completions(model, prompts, 8, seed=5, with_logprobs=True)
+    uncached = sample_completions(model, prompts, 8, seed=5, with_logprobs=True, use_cache=False)
+    assert [c.tokens for c in cached] == [c.tokens for c in uncached]
+    assert len({tuple(c.tokens) for c in cached[:4:2]}) == 2  # rows of one prompt differ
+    for a, b in zip(cached, uncached):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 def test_greedy_with_cache_equals_without(model):

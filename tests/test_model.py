@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.generate import left_pad
 from lmforge.io import model_state
 from lmforge.model import KVCache, Transformer
 
@@ -104,6 +105,38 @@ def test_kv_cache_chunks_equal_full_forward(make_model, n_kv_heads):
             parts.append(model(idx[:, t : t + 1], cache=cache))
     assert cache.length == 14
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model):
+    """Two prompts of different lengths (one left-padded), three continuations each of
+    different lengths (right-padded): every row's states and every gradient are those of the
+    row's whole sequence run alone."""
+    model = make_model(seed=9, init_std=0.2).train()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (5, 3)]
+    conts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (4, 1, 6, 2, 6, 3)]
+    rows = [0, 0, 0, 1, 1, 1]
+    prefixes, valid = left_pad(prompts, 0, "cpu")
+    width = max(len(c) for c in conts)
+    padded = torch.tensor([c + [0] * (width - len(c)) for c in conts])
+    hidden = model.continue_prefixes(prefixes, valid, padded, torch.tensor(rows))
+    assert hidden.shape == (6, 1 + width, 32)
+    shared = sum(hidden[b, : 1 + len(c)].square().sum() for b, c in enumerate(conts))
+    shared.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = 0
+    for b, c in enumerate(conts):
+        ids = torch.tensor([prompts[rows[b]] + c])
+        states = model.hidden_states(ids)[0, len(prompts[rows[b]]) - 1 :]  # (1 + len(c), C)
+        torch.testing.assert_close(hidden[b, : 1 + len(c)], states, atol=1e-5, rtol=1e-5)
+        alone = alone + states.square().sum()
+    alone.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+    # continuations of one token only: the prompts' last states
+    only = model.continue_prefixes(prefixes, valid, padded[:, :0], torch.tensor(rows))
+    torch.testing.assert_close(only[:, 0], hidden[:, 0])
 
 
 def test_rope_depends_only_on_relative_positions(make_model):

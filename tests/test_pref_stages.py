@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,35 @@ def test_reward_model_runs_rows_in_length_chunks_with_the_same_rewards():
     sorted_lengths = sorted(lengths.tolist())
     assert length_chunks(sorted_lengths, 48) == [slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)]
     assert length_chunks([100], 48) == [slice(0, 1)] and length_chunks([], 48) == []
+
+
+def test_length_chunks_compute_the_fewest_tokens_within_the_budget():
+    """Against every way to cut short lists: the chosen chunks cost least (padded tokens plus
+    the overhead per chunk), and only a single row goes over the budget."""
+    rng = random.Random(0)
+
+    def cost(chunks, lengths, overhead):
+        return sum((c.stop - c.start) * lengths[c.stop - 1] + overhead for c in chunks)
+
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 8)))
+        budget, overhead = rng.choice([40, 100, 10**6]), rng.choice([0, 16, 64])
+        chunks = length_chunks(lengths, budget, overhead)
+        assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(len(lengths)))
+        assert all(
+            c.stop - c.start == 1 or (c.stop - c.start) * lengths[c.stop - 1] <= budget
+            for c in chunks
+        )
+        best = math.inf
+        for mask in range(2 ** (len(lengths) - 1)):  # bit k set: a cut after row k
+            cuts = [0] + [k + 1 for k in range(len(lengths) - 1) if mask >> k & 1] + [len(lengths)]
+            cand = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+            if all(
+                c.stop - c.start == 1 or (c.stop - c.start) * lengths[c.stop - 1] <= budget
+                for c in cand
+            ):
+                best = min(best, cost(cand, lengths, overhead))
+        assert cost(chunks, lengths, overhead) == best
 
 
 def test_best_worst_keeps_a_rankings_extremes():

@@ -40,7 +40,7 @@ from lmforge.rewards import (
     steps_reward,
     verifiable_reward,
 )
-from lmforge.rollout import Rollout, training_batch
+from lmforge.rollout import Rollout, reply_batch, reply_logits
 from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
@@ -245,21 +245,30 @@ def test_sampled_logprobs_are_the_policy_s_own(make_model, temperature):
     assert plain == [c.tokens[:-1] if c.stopped else c.tokens for c in rows]
 
 
-def test_training_batch_aligns_targets_with_the_recorded_logprobs(make_model):
+def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs(make_model):
     model = make_model(vocab_size=50, max_seq_len=64)
-    prompts = [[3, 4, 5], [7, 8]]
+    prompts = [[3, 4, 5], [3, 4, 5], [7, 8]]
     rows = sample_completions(model, prompts, 6, seed=3, with_logprobs=True)
+    assert rows[0].tokens != rows[1].tokens
     rollouts = [
         Rollout(i, p, c.tokens, c.logprobs, "", not c.stopped)
         for i, (p, c) in enumerate(zip(prompts, rows))
     ]
-    x, y, old = training_batch(rollouts, pad_id=0)
-    mask = y != IGNORE_INDEX
+    batch = reply_batch(rollouts, pad_id=0)
+    assert batch.prompts.tolist() == [[3, 4, 5], [0, 7, 8]] and batch.rows.tolist() == [0, 0, 1]
+    mask = batch.targets != IGNORE_INDEX
     assert mask.sum(1).tolist() == [len(c.tokens) for c in rows]
+    assert batch.targets[0][mask[0]].tolist() == rows[0].tokens
     with torch.no_grad():
-        now = token_logprobs(model(x), y)
-    assert now[mask].tolist() == pytest.approx(old[mask].tolist(), abs=1e-4)
-    assert y[0][mask[0]].tolist() == rows[0].tokens
+        now = token_logprobs(reply_logits(model, batch), batch.targets)
+        # the same from each row's whole sequence
+        for b, (p, c) in enumerate(zip(prompts, rows)):
+            full = model(torch.tensor([p + c.tokens]))[0, len(p) - 1 : -1].log_softmax(-1)
+            expected = full.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+            assert now[b][mask[b]].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+        # a minibatch of the rows computes only the prompts it uses
+        assert reply_logits(model, batch, [2]).shape == (1, mask.size(1), 50)
+    assert now[mask].tolist() == pytest.approx(batch.old[mask].tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -268,11 +277,11 @@ def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, 
     prompt = [3, 4, 5]
     c = sample_completions(model, [prompt], 6, seed=0, with_logprobs=True)[0]
     rollouts = [Rollout(0, prompt, c.tokens, c.logprobs, "", False)]
-    x, y, _ = training_batch(rollouts, pad_id=0)
+    batch = reply_batch(rollouts, pad_id=0)
 
     def logp() -> float:
         with torch.no_grad():
-            return token_logprobs(model(x), y).sum().item()
+            return token_logprobs(reply_logits(model, batch), batch.targets).sum().item()
 
     before = logp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -371,11 +380,11 @@ def test_ppo_update_follows_the_score_and_fits_the_value(make_model, sign):
     assert rows[0].tokens != rows[1].tokens
     rollouts = [Rollout(0, prompt, c.tokens, c.logprobs, "", False) for c in rows]
     scores = torch.tensor([sign, -sign])
-    x, y, _ = training_batch(rollouts, pad_id=0)
+    batch = reply_batch(rollouts, pad_id=0)
 
     def logps() -> torch.Tensor:
         with torch.no_grad():
-            return token_logprobs(model(x), y).sum(-1)
+            return token_logprobs(reply_logits(model, batch), batch.targets).sum(-1)
 
     before = logps()
     head = ValueHead(model.cfg.dim)

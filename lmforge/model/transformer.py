@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def causal_mask(q_start: int, q_end: int, device) -> torch.Tensor:
+    """(1, 1, T, S) bool: query q_start + i may see keys 0 .. q_start + i."""
+    s = torch.arange(q_end, device=device)
+    return (s[None, :] <= s[q_start:q_end, None])[None, None]
+
+
+def attention_mask(
+    valid: torch.Tensor, q_start: int, q_end: int, padded: bool
+) -> torch.Tensor | None:
+    """The mask (B or 1, 1, T, S) for queries q_start..q_end-1 over keys 0..q_end-1 of rows
+    whose real tokens are `valid` (B, S_max) (left padding), or None where the causal path
+    (`is_causal`, or a single query) is exact: no padding, and no queries offset into a cache."""
+    single = q_end - q_start == 1
+    if not padded:
+        return None if single or q_start == 0 else causal_mask(q_start, q_end, valid.device)
+    mask = valid[:, None, None, :q_end]  # (B, 1, 1, S): real keys only
+    if not single:
+        mask = mask & causal_mask(q_start, q_end, valid.device)
+    # a padding query attends to itself so that its (unused) row is not all -inf
+    eye = torch.zeros_like(mask[:1])
+    eye[..., torch.arange(q_end - q_start), torch.arange(q_start, q_end)] = True
+    return mask | eye
+
+
 @dataclass
 class KVCache:
     """Preallocated keys and values for every layer; `length` positions are filled."""
@@ -91,6 +115,36 @@ class KVCache:
             torch.empty(shape, device=device, dtype=dtype),
         )
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store a layer's new keys and values (B, K, T, D); return all of them so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
+
+
+@dataclass
+class SharedPrefix:
+    """Keys and values of prompts that several rows continue (a GRPO group's replies),
+    computed once: for training, where a KVCache's in-place writes would break autograd.
+
+    A pass over the P prompts (`rows` None) records each layer's keys and values; a pass over
+    the B continuations (`rows` (B,): the prompt each continues) attends to its prompt's
+    keys and values before its own. See `Transformer.continue_prefixes`."""
+
+    rows: torch.Tensor | None = None
+    k: list[torch.Tensor] = field(default_factory=list)  # per layer (P, K, T_prompt, D)
+    v: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions come from the caller; kept for hidden_states' bookkeeping
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.rows is None:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        k = torch.cat([self.k[layer][self.rows], k], 2)  # (B, K, T_prompt + T, D)
+        return k, torch.cat([self.v[layer][self.rows], v], 2)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -102,7 +156,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = (
@@ -111,10 +167,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, K, S, D)
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
         # is_causal only when queries and keys start together; otherwise the caller's mask
         is_causal = mask is None and T > 1 and k.size(2) == T
         y = F.scaled_dot_product_attention(
@@ -190,13 +243,14 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SharedPrefix | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, C) for token ids `idx` (B, T).
 
         positions: (B, T) rotary positions; default: cache.length + 0..T-1 for every row.
         mask: (B, 1, T, S) bool, True where a query may attend to a key; default: causal.
-        cache: filled at positions cache.length.. and advanced by T.
+        cache: a KVCache, filled at positions cache.length.. and advanced by T; or a
+            SharedPrefix (see `continue_prefixes`).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -206,8 +260,7 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         if mask is None and cache is not None and start > 0 and T > 1:
-            s = torch.arange(start + T, device=idx.device)
-            mask = (s[None, :] <= s[start:, None])[None, None]  # (1, 1, T, S): causal, offset
+            mask = causal_mask(start, start + T, idx.device)  # (1, 1, T, S): offset
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -219,6 +272,37 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, V); keyword arguments as for `hidden_states`."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    def continue_prefixes(
+        self,
+        prefixes: torch.Tensor,
+        prefix_valid: torch.Tensor,
+        continuations: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states (B, 1 + Tc, C) of the sequences prefixes[rows[b]] +
+        continuations[b], from each prefix's last token on (so position i predicts
+        continuation token i), each prefix computed once however many rows continue it.
+
+        prefixes (P, Tp) left-padded, prefix_valid (P, Tp) True on their real tokens;
+        continuations (B, Tc) right-padded (a row's real tokens never see its padding);
+        rows (B,) long. Gradients flow through both passes.
+        """
+        Tp, (B, Tc) = prefixes.size(1), continuations.shape
+        padded = not bool(prefix_valid.all())
+        shared = SharedPrefix()
+        positions = (prefix_valid.long().cumsum(1) - 1).clamp(min=0)  # (P, Tp)
+        mask = attention_mask(prefix_valid, 0, Tp, padded)
+        last = self.hidden_states(prefixes, positions, mask, shared)[:, -1][rows]  # (B, C)
+        if Tc == 0:
+            return last[:, None]
+        shared.rows = rows
+        valid = torch.cat([prefix_valid[rows], prefix_valid.new_ones(B, Tc)], 1)  # (B, Tp + Tc)
+        steps = torch.arange(Tc, device=prefixes.device)
+        positions = prefix_valid.sum(1)[rows][:, None] + steps  # (B, Tc)
+        mask = attention_mask(valid, Tp, Tp + Tc, padded=True)
+        rest = self.hidden_states(continuations, positions, mask, shared)  # (B, Tc, C)
+        return torch.cat([last[:, None], rest], 1)
 
     @contextlib.contextmanager
     def inference_layout(self) -> Iterator[None]:

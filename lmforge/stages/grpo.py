@@ -52,9 +52,10 @@ from lmforge.rewards import build_reward, verifiable_reward
 from lmforge.rollout import (
     Rollout,
     checkpoint_step,
+    reply_batch,
+    reply_logits,
     rl_steps,
     rollout,
-    training_batch,
     update_passes,
 )
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
@@ -103,18 +104,20 @@ def policy_update(
     """`gc.iterations` passes of `gc.minibatches` optimiser steps over the rollouts, each
     with its advantage adv (B,); returns the loss, clip fraction, KL and entropy averaged
     over the steps."""
-    x, y, old = (t.to(device) for t in training_batch(rollouts, pad_id))
-    mask = y != IGNORE_INDEX
+    batch = reply_batch(rollouts, pad_id).to(device)
+    mask = batch.targets != IGNORE_INDEX
     ref = None
     if reference is not None:
         with torch.no_grad():
-            ref = token_logprobs(reference(x) / gc.temperature, y)
+            ref = token_logprobs(
+                reply_logits(reference, batch, None, gc.temperature), batch.targets
+            )
     adv = adv.to(device)[:, None]
 
     def step_loss(mb: list[int], _: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = policy(x[mb]) / gc.temperature
-        logp = token_logprobs(logits, y[mb])
-        per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], gc.clip_eps)
+        logits = reply_logits(policy, batch, mb, gc.temperature)
+        logp = token_logprobs(logits, batch.targets[mb])
+        per_token, clipped = clipped_policy_loss(logp, batch.old[mb], adv[mb], gc.clip_eps)
         kl = k3_kl(logp, ref[mb]) if ref is not None else torch.zeros_like(logp)
         loss = masked_mean(per_token + gc.kl_coef * kl, mask[mb], gc.loss_level)
         with torch.no_grad():

@@ -63,9 +63,11 @@ from lmforge.rewards import USES_REWARD_MODEL, build_reward
 from lmforge.rollout import (
     Rollout,
     checkpoint_step,
+    reply_batch,
+    reply_hidden,
+    reply_logits,
     rl_steps,
     rollout,
-    training_batch,
     update_passes,
 )
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
@@ -165,11 +167,12 @@ def ppo_update(
     (plus the pretraining loss when `pc.ptx_coef` > 0). Returns the batch's KL (nats per
     reply) and explained variance, and the steps' mean loss, clip fraction, value loss and
     entropy."""
-    x, y, old = (t.to(device) for t in training_batch(rollouts, pad_id))
+    batch = reply_batch(rollouts, pad_id).to(device)
+    y, old = batch.targets, batch.old
     mask = y != IGNORE_INDEX
     with torch.no_grad():
-        ref = token_logprobs(reference(x) / pc.temperature, y)
-        old_values = value_head(policy.hidden_states(x))
+        ref = token_logprobs(reply_logits(reference, batch, None, pc.temperature), y)
+        old_values = value_head(reply_hidden(policy, batch))
     kl = (old - ref) * mask  # log pi/ref of each sampled token
     rewards = -beta * kl
     last = (mask * torch.arange(mask.size(1), device=device)).argmax(1)  # each reply's end
@@ -178,7 +181,7 @@ def ppo_update(
     adv = (adv - adv[mask].mean()) / (adv[mask].std(unbiased=False) + 1e-8) * mask
 
     def step_loss(mb: list[int], k: int) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = policy.hidden_states(x[mb])
+        hidden = reply_hidden(policy, batch, mb)
         logits = policy.lm_head(hidden) / pc.temperature
         logp = token_logprobs(logits, y[mb])
         per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], pc.clip_eps)
@@ -236,9 +239,9 @@ def probe(
         policy, tokenizer, records, list(range(len(records))), 1, max_new_tokens, 1.0, seed
     )
     device = next(policy.parameters()).device
-    x, y, old = (t.to(device) for t in training_batch(rolls, tokenizer.pad_id))
-    ref = token_logprobs(reference(x), y)
-    kl = ((old - ref) * (y != IGNORE_INDEX)).sum(1).mean().item()
+    batch = reply_batch(rolls, tokenizer.pad_id).to(device)
+    ref = token_logprobs(reply_logits(reference, batch), batch.targets)
+    kl = ((batch.old - ref) * (batch.targets != IGNORE_INDEX)).sum(1).mean().item()
     texts = [(records[r.record]["messages"], r.text) for r in rolls]
     proxy = score(reward_model, rm_tokenizer, texts, reward_model.trunk.cfg.max_seq_len)
     gold = [
