@@ -10,6 +10,10 @@ from N(0, init_std^2); the two projections that write into the residual stream (
 `down_proj`) use init_std / sqrt(2 * n_layers) so the residual's variance stays about
 constant with depth (GPT-2); biases are zero and norm weights one.
 
+Attention reads earlier keys and values from a cache: `KVCache`, preallocated and written in
+place, for decoding; or `SharedPrefix`, for training on several continuations of one prompt
+(`Transformer.continue_prefixes`: the prompt computed once, gradients through it).
+
 Shapes: B batch, T new positions, S cached + new positions, H query heads, K key/value heads,
 D head dim, C model dim, V vocabulary.
 """
@@ -115,7 +119,9 @@ class KVCache:
             torch.empty(shape, device=device, dtype=dtype),
         )
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys and values (B, K, T, D); return all of them so far."""
         start, end = self.length, self.length + k.size(2)
         self.k[layer, :, :, start:end] = k
@@ -137,7 +143,9 @@ class SharedPrefix:
     v: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # positions come from the caller; kept for hidden_states' bookkeeping
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows is None:
             self.k.append(k)
             self.v.append(v)
