@@ -47,9 +47,12 @@ def run(
     """Run the pipeline the config lists (default: world, clean, tokenizer, pretrain, sft, rm,
     dpo, grpo)."""
     from lmforge.pipeline import run_pipeline
+    from lmforge.train_utils import leave_process_group
 
     cfg = _config(config, overrides)
-    for name, summary in run_pipeline(cfg, out, resume=resume).items():
+    summaries = run_pipeline(cfg, out, resume=resume)
+    leave_process_group()
+    for name, summary in summaries.items():
         _print_summary(name, summary)
 
 
@@ -108,8 +111,11 @@ def _resumable_command(name: str) -> None:
         resume: bool = typer.Option(False, help="continue from the newest checkpoint"),
         overrides: list[str] = OVERRIDES,
     ) -> None:
+        from lmforge.train_utils import leave_process_group
+
         stage = importlib.import_module(f"lmforge.stages.{name}")
         summary = stage.run(_config(config, overrides), out, resume=resume)
+        leave_process_group()
         if summary:  # under torchrun, only rank 0 returns one
             _print_summary(name, summary)
 

@@ -73,6 +73,16 @@ def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
+def leave_process_group() -> None:
+    """Under torchrun, wait for every rank to finish (rank 0 measures and saves after the
+    others are done), then leave the process group. A rank that exited with gloo's threads
+    still running was aborted now and then ("terminate called without an active exception",
+    SIGABRT), and torchrun failed the whole run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA by default, none (fp32) on CPU."""
     if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
