@@ -84,6 +84,19 @@ def left_pad(
     return ids.to(device), valid.to(device)
 
 
+def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """The first row of each distinct prompt, in order, and for every row the index of its
+    prompt among them: [a, b, a] -> ([0, 1], [0, 1, 0])."""
+    index: dict[tuple[int, ...], int] = {}
+    firsts: list[int] = []
+    rows = []
+    for b, p in enumerate(prompts):
+        rows.append(index.setdefault(tuple(p), len(index)))
+        if rows[-1] == len(firsts):
+            firsts.append(b)
+    return firsts, rows
+
+
 def _prefill(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -95,10 +108,8 @@ def _prefill(
     """The logits (B, V) after each prompt (ids (B, T0) left-padded, valid and positions
     (B, >= T0)) and a cache of max_len positions holding the prompts; each distinct prompt
     is computed once (the G rows of a GRPO group, best-of-N's samples)."""
-    first_row: dict[tuple[int, ...], int] = {}
-    for b, p in enumerate(prompts):
-        first_row.setdefault(tuple(p), b)
-    distinct = torch.tensor(list(first_row.values()), device=ids.device)
+    firsts, rows = distinct_rows(prompts)
+    distinct = torch.tensor(firsts, device=ids.device)
     T0 = ids.size(1)
     padded = not bool(valid[distinct, :T0].all())
     dtype = next(model.parameters()).dtype
@@ -112,9 +123,8 @@ def _prefill(
     logits = model.lm_head(hidden[:, -1])
     if len(distinct) == len(prompts):
         return logits, cache
-    order = {key: u for u, key in enumerate(first_row)}
-    rows = torch.tensor([order[tuple(p)] for p in prompts], device=ids.device)
-    return logits[rows], KVCache(cache.k[:, rows], cache.v[:, rows], cache.length)
+    rows_t = torch.tensor(rows, device=ids.device)
+    return logits[rows_t], KVCache(cache.k[:, rows_t], cache.v[:, rows_t], cache.length)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from lmforge.config import OnlineRL
 from lmforge.eval.chat import chat_prompts
-from lmforge.generate import left_pad, sample_completions
+from lmforge.generate import distinct_rows, left_pad, sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -99,9 +99,8 @@ class ReplyBatch:
 
 def reply_batch(rollouts: list[Rollout], pad_id: int) -> ReplyBatch:
     """The rollouts' `ReplyBatch`; prompts are told apart by their tokens."""
-    index: dict[tuple[int, ...], int] = {}
-    rows = [index.setdefault(tuple(r.prompt), len(index)) for r in rollouts]
-    prompts, valid = left_pad([list(p) for p in index], pad_id, "cpu")
+    firsts, rows = distinct_rows([r.prompt for r in rollouts])
+    prompts, valid = left_pad([rollouts[b].prompt for b in firsts], pad_id, "cpu")
     width = max(len(r.tokens) for r in rollouts)
     targets = torch.full((len(rollouts), width), IGNORE_INDEX, dtype=torch.long)
     old = torch.zeros((len(rollouts), width))
