@@ -9,7 +9,10 @@ sides generate exactly `new-tokens` tokens per reply (TRL with min_new_tokens, l
 a stop token), so they do the same work. The model is the lmforge model directory and its
 `lmforge export` twin; prompts are the world's word problems beside it (DIR/../world/
 rl_train.jsonl). The first step of each is a warm-up and not timed; medians of the rest are
-reported, with the ratio TRL / lmforge (above 1 means lmforge is faster). Needs `trl`.
+reported, with the ratio TRL / lmforge (above 1 means lmforge is faster), for the whole step
+and for its rollout alone: sampling, rewards and advantages (TRL's
+`_generate_and_score_completions`; lmforge also keeps each token's log-probability). Needs
+`trl`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from lmforge.stages.grpo import advantages, policy_update
 from lmforge.train_utils import build_optimizer
 
 
-def lmforge_step_times(model_dir: Path, records: list[dict], args) -> list[float]:
+def lmforge_step_times(
+    model_dir: Path, records: list[dict], args
+) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step, and of its rollout (sampling, rewards, advantages)."""
     policy, tokenizer = load_model_dir(model_dir)
     gc = GRPOConfig(group_size=args.group, max_new_tokens=args.new_tokens, lr=1e-6)
     optimizer = build_optimizer(policy, gc.lr, 0.0, (0.9, 0.95))
-    times = []
+    times, rollout_times = [], []
     for step in range(args.steps):
         batch = records[step * args.prompts : (step + 1) * args.prompts]
         start = time.perf_counter()
@@ -59,6 +65,7 @@ def lmforge_step_times(model_dir: Path, records: list[dict], args) -> list[float
             [verifiable_reward(batch[i // args.group], t) for i, t in enumerate(texts)]
         )
         adv = advantages(rewards.view(len(batch), args.group), gc).flatten()
+        rollout_times.append(time.perf_counter() - start)
         rollouts = [
             Rollout(i // args.group, prompts[i // args.group], c.tokens, c.logprobs, t, True)
             for i, (c, t) in enumerate(zip(rows, texts))
@@ -67,10 +74,11 @@ def lmforge_step_times(model_dir: Path, records: list[dict], args) -> list[float
             policy, None, optimizer, rollouts, adv, gc, tokenizer.pad_id, torch.device("cpu")
         )
         times.append(time.perf_counter() - start)
-    return times[1:]
+    return times[1:], rollout_times[1:]
 
 
-def trl_step_times(model_dir: Path, records: list[dict], args) -> list[float]:
+def trl_step_times(model_dir: Path, records: list[dict], args) -> tuple[list[float], list[float]]:
+    """As `lmforge_step_times`; TRL's rollout is `_generate_and_score_completions`."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -126,8 +134,18 @@ def trl_step_times(model_dir: Path, records: list[dict], args) -> list[float]:
             processing_class=tokenizer,
             callbacks=[timer],
         )
+        rollout_times = []
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed_rollout(inputs):
+            start = time.perf_counter()
+            out = generate_and_score(inputs)
+            rollout_times.append(time.perf_counter() - start)
+            return out
+
+        trainer._generate_and_score_completions = timed_rollout
         trainer.train()
-    return timer.times[1:]
+    return timer.times[1:], rollout_times[1:]
 
 
 def main() -> None:
@@ -144,19 +162,24 @@ def main() -> None:
         raise SystemExit(f"no prompts at {prompts_file}: run the pipeline into {args.model.parent}")
     records = read_prompts(prompts_file)[: args.steps * args.prompts]
     torch.manual_seed(0)
-    ours = lmforge_step_times(args.model, records, args)
-    theirs = trl_step_times(args.model, records, args)
+    ours, our_rollouts = lmforge_step_times(args.model, records, args)
+    theirs, their_rollouts = trl_step_times(args.model, records, args)
     tokens = args.prompts * args.group * args.new_tokens
+    step, rollout = statistics.median(ours), statistics.median(our_rollouts)
+    trl_step, trl_rollout = statistics.median(theirs), statistics.median(their_rollouts)
     results = {
         "threads": torch.get_num_threads(),
         "samples_per_step": args.prompts * args.group,
         "new_tokens": args.new_tokens,
-        "step_seconds_lmforge": round(statistics.median(ours), 3),
-        "step_seconds_trl": round(statistics.median(theirs), 3),
-        "tokens_per_s_lmforge": round(tokens / statistics.median(ours), 1),
-        "tokens_per_s_trl": round(tokens / statistics.median(theirs), 1),
+        "step_seconds_lmforge": round(step, 3),
+        "step_seconds_trl": round(trl_step, 3),
+        "rollout_seconds_lmforge": round(rollout, 3),
+        "rollout_seconds_trl": round(trl_rollout, 3),
+        "rollout_tokens_per_s_lmforge": round(tokens / rollout, 1),
+        "rollout_tokens_per_s_trl": round(tokens / trl_rollout, 1),
+        "ratio": round(trl_step / step, 2),
+        "rollout_ratio": round(trl_rollout / rollout, 2),
     }
-    results["ratio"] = round(results["step_seconds_trl"] / results["step_seconds_lmforge"], 2)
     for key, value in results.items():
         print(f"{key:24s} {value}")
     if args.out:

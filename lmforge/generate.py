@@ -24,10 +24,12 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from logits (B, V): greedy at temperature 0, else sample
     from softmax(logits / temperature) restricted to the top_k tokens and to the smallest
-    set whose probability reaches top_p."""
+    set whose probability reaches top_p, with `uniform` (B, 1) in [0, 1) as each row's
+    random number (default: drawn from `generator`)."""
     if temperature <= 0:
         return logits.max(dim=-1).indices  # argmax, 2-3x faster on CPU
     # shifted first, so that a tiny temperature sends the others to -inf, not inf / inf
@@ -43,7 +45,8 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    uniform = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    if uniform is None:
+        uniform = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
     return invert_cdf(probs, uniform)
 
 
@@ -158,7 +161,7 @@ def decode_steps(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     use_cache: bool = True,
     with_logprobs: bool = False,
 ) -> Iterator[Step]:
@@ -169,6 +172,9 @@ def decode_steps(
     With `with_logprobs`, each token's log-probability under the distribution it was drawn
     from (softmax of logits / temperature, before top-k/top-p: with neither, exactly the
     policy's at temperature 1) is computed in the same pass.
+    `seed`: one for the batch's random numbers, or one per row, which makes each row's
+    draws its own whatever else is in the batch (a GRPO group sampled by any rank of a
+    torchrun job draws the same replies).
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -177,12 +183,18 @@ def decode_steps(
     if len(budgets) != len(prompts) or min(budgets) < 1:
         raise ValueError("generate: need one token budget >= 1 per prompt")
     device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
     ids, valid = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
     steps = max(budgets)
+    generator, uniforms = None, None  # uniforms (B, steps): per-row seeds' numbers
+    if isinstance(seed, int):
+        generator = torch.Generator(device=device).manual_seed(seed)
+    elif seed is not None:
+        if len(seed) != B:
+            raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
+        uniforms = torch.stack(
+            [torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seed]
+        ).to(device)
     if T0 + steps > model.cfg.max_seq_len:
         raise ValueError(
             f"generate: prompt ({T0}) + max_new_tokens ({steps}) exceeds "
@@ -213,7 +225,8 @@ def decode_steps(
                     cache=cache,
                 )
                 logits = model.lm_head(hidden[:, -1])  # only the last position's are needed
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            uniform = uniforms[:, t : t + 1] if uniforms is not None else None
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, uniform)
             nxt = torch.where(done, pad_id, nxt)
             logprobs = None
             if with_logprobs:

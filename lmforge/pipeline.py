@@ -1,14 +1,19 @@
-"""Run the stages a config lists, in order, each writing DIR/<stage>/ for the next to read."""
+"""Run the stages a config lists, in order, each writing DIR/<stage>/ for the next to read.
+
+Under torchrun, the stages that train data-parallel run on every rank; rank 0 alone makes
+the world, cleans the corpus and trains the tokenizer, and every rank waits for the others
+at the end of each stage, so that none reads a stage's output before it is written."""
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.config import RunConfig, to_toml
+from lmforge.config import ConfigError, RunConfig, to_toml
 from lmforge.stages import clean, dpo, grpo, kto, ppo, pretrain, rlaif, rm, sft, tokenizer, world
-from lmforge.train_utils import console
+from lmforge.train_utils import Dist, console, setup_device, wait_for_all_ranks
 
 STAGES: dict[str, Callable[..., dict]] = {
     "world": world.run,
@@ -25,15 +30,35 @@ STAGES: dict[str, Callable[..., dict]] = {
 }
 
 
+DATA_PARALLEL = frozenset({"pretrain", "sft", "rm", "dpo", "kto", "grpo"})
+ONE_PROCESS = frozenset({"world", "clean", "tokenizer"})  # rank 0's under torchrun
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, dict]:
-    """Run cfg.stages into run_dir; returns each stage's summary."""
+    """Run cfg.stages into run_dir; returns each stage's summary (under torchrun, rank 0's;
+    the other ranks return none)."""
+    d = Dist()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        alone = [name for name in cfg.stages if name not in DATA_PARALLEL | ONE_PROCESS]
+        if alone:
+            raise ConfigError(
+                f"stages {alone} run in one process: under torchrun, leave them out of "
+                "`stages` and run them afterwards with `lmforge <stage>`"
+            )
+        d = setup_device(cfg.pretrain.device, cfg.pretrain.num_threads)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     summaries = {}
     for name in cfg.stages:
-        console.rule(f"[bold]{name}")
-        resumable = "resume" in inspect.signature(STAGES[name]).parameters
-        options = {"resume": resume} if resumable else {}
-        summaries[name] = STAGES[name](cfg, run_dir, **options)
+        if d.is_main:
+            console.rule(f"[bold]{name}")
+        if name in DATA_PARALLEL or d.is_main:
+            resumable = "resume" in inspect.signature(STAGES[name]).parameters
+            options = {"resume": resume} if resumable else {}
+            summary = STAGES[name](cfg, run_dir, **options)
+            if summary:
+                summaries[name] = summary
+        wait_for_all_ranks(d)
     return summaries

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from lmforge.generate import distinct_rows, left_pad, sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.train_utils import lr_at, save_checkpoint
+from lmforge.train_utils import (
+    Dist,
+    all_reduce_sum,
+    lr_at,
+    save_checkpoint,
+    sum_gradients_over_ranks,
+    weighted_mean_over_ranks,
+)
 
 
 @dataclass
@@ -49,11 +56,12 @@ def rollout(
     group_size: int,
     max_new_tokens: int,
     temperature: float,
-    seed: int,
+    seed: int | Sequence[int],
 ) -> list[Rollout]:
     """`group_size` replies to each of records[i] for i in `indices`, in one batched call
-    (grouped by prompt: the first G rows answer the first prompt). The token budget is cut
-    to what the longest prompt leaves of the context."""
+    (grouped by prompt: the first G rows answer the first prompt); `seed` one for the batch
+    or one per reply (`generate.decode_steps`). The token budget is cut to what the longest
+    prompt leaves of the context."""
     conversations = [records[i]["messages"] for i in indices]
     prompts, budget = chat_prompts(policy, tokenizer, conversations, max_new_tokens)
     policy.eval()
@@ -97,11 +105,13 @@ class ReplyBatch:
         return ReplyBatch(*(t.to(device) for t in vars(self).values()))
 
 
-def reply_batch(rollouts: list[Rollout], pad_id: int) -> ReplyBatch:
-    """The rollouts' `ReplyBatch`; prompts are told apart by their tokens."""
+def reply_batch(rollouts: list[Rollout], pad_id: int, width: int = 0) -> ReplyBatch:
+    """The rollouts' `ReplyBatch`, replies padded to the longest or to `width` if wider
+    (what a rank pads to under torchrun: the longest of every rank's); prompts are told
+    apart by their tokens."""
     firsts, rows = distinct_rows([r.prompt for r in rollouts])
     prompts, valid = left_pad([rollouts[b].prompt for b in firsts], pad_id, "cpu")
-    width = max(len(r.tokens) for r in rollouts)
+    width = max(width, *(len(r.tokens) for r in rollouts))
     targets = torch.full((len(rollouts), width), IGNORE_INDEX, dtype=torch.long)
     old = torch.zeros((len(rollouts), width))
     for b, r in enumerate(rollouts):
@@ -137,25 +147,43 @@ def update_passes(
     iterations: int,
     minibatches: int,
     grad_clip: float,
-    step_loss: Callable[[list[int], int], tuple[torch.Tensor, dict[str, float]]],
+    step_loss: Callable[[list[int], int], tuple[torch.Tensor, dict[str, float], float]],
+    d: Dist | None = None,
+    offset: int = 0,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """`iterations` passes over the rollout batch's `n_rows` rows, each in `minibatches`
-    optimiser steps with gradient clipping. `step_loss(rows, k)` returns the k-th step's
-    loss on those rows and its figures; returns each figure averaged over the steps."""
-    size = math.ceil(n_rows / minibatches)
+    """`iterations` passes over the rollout batch, each in `minibatches` optimiser steps
+    with gradient clipping. `step_loss(rows, k)` returns the k-th step's loss on those rows
+    (a mean), its figures, and the weight the mean is over (its tokens or rows). Returns
+    each figure averaged over the steps.
+
+    Under torchrun the batch's `total` rows are spread over the ranks, this one holding
+    rows offset .. offset + n_rows - 1 (its `rows` count from its first). A minibatch is
+    the same rows of the whole batch as in one process; each rank's loss counts by its
+    share of the minibatch's weight and the gradients are summed over the ranks, so every
+    step is the one process's. A rank with none of a minibatch's rows gets `rows` empty:
+    `step_loss` must then return a loss of weight 0 that reaches every parameter, so that
+    each rank's gradients have the same shape."""
+    d = d or Dist()
+    total = n_rows if total is None else total
+    size = math.ceil(total / minibatches)
     sums: dict[str, float] = {}
     k = 0
     for _ in range(iterations):
-        for start in range(0, n_rows, size):
-            loss, figures = step_loss(list(range(start, min(n_rows, start + size))), k)
-            loss.backward()
+        for start in range(0, total, size):
+            first, end = max(start, offset), min(start + size, offset + n_rows)
+            loss, figures, weight = step_loss(list(range(first - offset, end - offset)), k)
+            share = weight / all_reduce_sum(weight, d)
+            (loss * share).backward()
+            sum_gradients_over_ranks(params, d)
             torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for name, value in {"loss": loss.item(), **figures}.items():
+            figures = weighted_mean_over_ranks({"loss": loss.item(), **figures}, share, d)
+            for name, value in figures.items():
                 sums[name] = sums.get(name, 0.0) + value
             k += 1
-    return {name: round(total / k, 5) for name, total in sums.items()}
+    return {name: round(value / k, 5) for name, value in sums.items()}
 
 
 def checkpoint_step(
@@ -165,25 +193,34 @@ def checkpoint_step(
     optimizer: torch.optim.Optimizer,
     section: OnlineRL,
     state: dict[str, Any],
+    main: bool = True,
 ) -> None:
     """After every `section.checkpoint_every`-th step and the last (by count, or because
     state["elapsed_seconds"] has passed `section.time_limit`), a checkpoint holding `state`
-    (for `start_log(resume=True)`)."""
+    (for `start_log(resume=True)`); only the `main` process writes (under torchrun, rank 0)."""
     out_of_time = section.time_limit and state["elapsed_seconds"] > section.time_limit
-    if step % section.checkpoint_every == 0 or step == section.steps or out_of_time:
+    due = step % section.checkpoint_every == 0 or step == section.steps or out_of_time
+    if main and due:
         save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
 
 
 def rl_steps(
-    section: OnlineRL, optimizer: torch.optim.Optimizer, done: int = 0, elapsed: float = 0.0
+    section: OnlineRL,
+    optimizer: torch.optim.Optimizer,
+    done: int = 0,
+    elapsed: float = 0.0,
+    d: Dist | None = None,
 ) -> Iterator[tuple[int, float]]:
     """Steps done+1 .. section.steps (fewer when `section.time_limit` seconds of training,
-    `elapsed` of them before a resume, run out), each with its learning rate (warmup, then
-    cosine to min_lr_ratio) set on the optimiser."""
+    `elapsed` of them before a resume, run out: under torchrun, on any rank's clock, so
+    that all stop together), each with its learning rate (warmup, then cosine to
+    min_lr_ratio) set on the optimiser."""
     start = time.perf_counter() - elapsed
     for step in range(done + 1, section.steps + 1):
-        if section.time_limit and time.perf_counter() - start > section.time_limit:
-            return
+        if section.time_limit:
+            late = time.perf_counter() - start > section.time_limit
+            if all_reduce_sum(float(late), d or Dist()) > 0:
+                return
         lr = lr_at(step - 1, section.steps, section.lr, section.warmup_steps, section.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr

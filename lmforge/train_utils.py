@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,12 @@ def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
+def wait_for_all_ranks(d: Dist) -> None:
+    """Under torchrun, return when every rank has come here."""
+    if d.world_size > 1:
+        dist.barrier()
+
+
 def leave_process_group() -> None:
     """Under torchrun, wait for every rank to finish (rank 0 measures and saves after the
     others are done), then leave the process group. A rank that exited with gloo's threads
@@ -97,13 +103,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def all_reduce_sums(values: Sequence[float], d: Dist) -> list[float]:
+    """Each value's sum over all ranks, in one collective (themselves in a single process)."""
+    if d.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_sum(value: float, d: Dist) -> float:
     """The sum of `value` over all ranks (itself in a single process)."""
+    return all_reduce_sums([value], d)[0]
+
+
+def gather_ints(values: Sequence[int], d: Dist) -> list[list[int]]:
+    """Every rank's `values` (the same number on each), in rank order."""
     if d.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.item()
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.long, device=d.device)
+    every = [torch.empty_like(mine) for _ in range(d.world_size)]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
 
 
 def all_reduce_mean(value: float, d: Dist) -> float:

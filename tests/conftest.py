@@ -92,6 +92,20 @@ def train_rm_on_feedback(export_dir: Path, model_dir: Path, run_dir: Path) -> di
     return json.loads((run_dir / "rm" / "summary.json").read_text())
 
 
+def torchrun_stage(stage: str, args: list, n: int, tiny_run: Path, out: Path) -> list[str]:
+    """`torchrun --nproc_per_node N -m lmforge STAGE ARGS --out OUT` on the tiny run's world,
+    tokenizer, pretrained and SFT models (linked into OUT), asserting that it succeeded;
+    returns the command."""
+    out.mkdir()
+    for earlier in ("world", "tokenizer", "pretrain", "sft"):
+        (out / earlier).symlink_to(tiny_run / earlier)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    cmd = [sys.executable, *launcher, "-m", "lmforge", stage, *map(str, args), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cmd
+
+
 def losses(stage_dir: Path) -> list[float]:
     """The training losses a stage logged, step by step."""
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()

@@ -177,6 +177,19 @@ def test_seeded_sampling_is_reproducible(model):
     assert all(0 <= t < 128 for row in a for t in row)
 
 
+def test_a_row_with_its_own_seed_draws_the_same_whatever_else_is_in_the_batch(model):
+    seeds = [11, 12, 13, 14]
+    together = sample_completions(model, PROMPTS, 10, temperature=3.0, seed=seeds, pad_id=0)
+    for i, prompt in enumerate(PROMPTS):
+        alone = sample_completions(model, [prompt], 10, temperature=3.0, seed=[seeds[i]])[0]
+        assert alone.tokens == together[i].tokens
+    other = sample_completions(model, PROMPTS, 10, temperature=3.0, seed=[11, 12, 13, 15], pad_id=0)
+    assert [c.tokens for c in other[:3]] == [c.tokens for c in together[:3]]
+    assert other[3].tokens != together[3].tokens
+    with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
+        generate(model, PROMPTS, 3, seed=[1, 2])
+
+
 def test_too_long_request_raises(model):
     # max_seq_len is 64: the longest prompt (7) + 57 fits exactly, + 58 does not
     assert len(generate(model, PROMPTS, 57, temperature=0.0)[1]) == 57

@@ -8,12 +8,11 @@ import math
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, lmforge, losses
+from conftest import ENV, lmforge, losses, torchrun_stage
 
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.preferences import Pair
@@ -268,13 +267,7 @@ def test_two_processes_match_one_process(stage, tiny_run, tmp_path):
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"x{n}"
-        out.mkdir()
-        for earlier in ("world", "tokenizer", "pretrain", "sft"):
-            (out / earlier).symlink_to(tiny_run / earlier)
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-        cmd = [sys.executable, *launcher, "-m", "lmforge", stage, *args, "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        cmd = torchrun_stage(stage, args, n, tiny_run, out)
         weights = load_tensors(out / stage / f"{RESUMABLE[stage][1]}.safetensors")
         runs[n] = (losses(out / stage), summary(out, stage), weights)
     (one, first, a), (two, second, b) = runs[1], runs[2]

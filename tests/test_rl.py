@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, lmforge
+from conftest import ENV, TINY, lmforge, torchrun_stage
 
 from lmforge import experiments
 from lmforge.config import GRPOConfig, load_config
@@ -550,3 +552,63 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
     shutil.rmtree(out / stage / "checkpoints")
     assert lmforge(*args, f"{stage}.steps=2", "--resume").returncode == 0
     assert [r["step"] for r in _timeless(out / stage / "metrics.jsonl") if "lr" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("level", ["token", "constant"])
+def test_grpo_in_two_processes_takes_the_steps_of_one(level, tiny_run, tmp_path):
+    # a length reward makes every group informative; 2 passes of 2 minibatches a step
+    args = ["--config", TINY, "grpo.steps=3", "grpo.rewards={verifiable=1.0, length=0.5}"]
+    args += ["grpo.iterations=2", "grpo.minibatches=2", f"grpo.loss_level={level}"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"x{n}"
+        cmd = torchrun_stage("grpo", args, n, tiny_run, out)
+        summary = json.loads((out / "grpo" / "summary.json").read_text())
+        runs[n] = (
+            _timeless(out / "grpo" / "metrics.jsonl"),
+            summary,
+            load_tensors(out / "grpo" / "model.safetensors"),
+        )
+    (one, first, a), (two, second, b) = runs[1], runs[2]
+    # each rank samples half the prompts, each reply with its own seed: the same replies
+    for key in ("sample_accuracy", "skipped_groups", "reply_tokens", "reward"):
+        assert [r[key] for r in one] == [r[key] for r in two], key
+    # and the steps are the whole batch's (figures combined over ranks keep 4 places)
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-4)
+    assert all(r["loss"] != 0.0 for r in one) and len(one) == 3
+    assert first["device"] == "cpu x 1" and second["device"] == "cpu x 2"
+    for key in ("arith_accuracy", "arith_accuracy_before", "samples", "skipped_groups"):
+        assert first[key] == second[key], key
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    start = load_tensors(tiny_run / "sft" / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    # prompts that do not split evenly over the processes are refused, naming the key
+    proc = subprocess.run(
+        [*cmd, "grpo.prompts_per_step=3"], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert proc.returncode != 0 and "grpo.prompts_per_step 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_default_pipeline_runs_under_torchrun(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "-m", "lmforge", "run", "--config", TINY, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/summary.json")}
+    assert sorted(summaries) == sorted(load_config(Path(TINY)).stages)
+    # rank 0 alone made the world; every rank trained each later stage, each waiting for
+    # the stage before it to be written
+    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
+        assert summaries[stage]["device"] == "cpu x 2", stage
+    world = json.loads((tiny_run / "world" / "summary.json").read_text())
+    assert {k: v for k, v in summaries["world"].items() if k != "seconds"} == {
+        k: v for k, v in world.items() if k != "seconds"
+    }
+    assert proc.stdout.count("grpo: {") == 1  # one rank reports
+    # a stage that runs in one process is refused before any work, naming it
+    proc = subprocess.run(
+        [*cmd, 'stages=["world", "ppo"]'], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert proc.returncode != 0 and "['ppo'] run in one process" in proc.stderr, proc.stderr
+    assert not (out / "ppo").exists()

@@ -129,11 +129,12 @@ def chat_eval(
     return score(sets, replies)
 
 
-def answer_accuracy(
+def right_answers(
     model: Transformer, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int
-) -> float:
-    """The share of prompts with a verifiable answer (`data.prompts` records) whose greedy
-    reply ends on the right final answer (`rewards.verifiable_reward`)."""
+) -> int:
+    """How many prompts with a verifiable answer (`data.prompts` records) get a greedy reply
+    that ends on the right final answer (`rewards.verifiable_reward`)."""
+    if not records:
+        return 0
     replies = reply(model, tokenizer, [r["messages"] for r in records], max_new_tokens)
-    hits = [verifiable_reward(r, text) for r, (text, _) in zip(records, replies)]
-    return round(sum(hits) / max(len(hits), 1), 4)
+    return int(sum(verifiable_reward(r, text) for r, (text, _) in zip(records, replies)))

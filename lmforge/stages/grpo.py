@@ -13,6 +13,10 @@ steps over the batch, with the clipped importance ratio against the sampling pol
 (`losses.clipped_policy_loss`) and, with `kl_coef` > 0, the k3 KL to the frozen SFT model,
 aggregated per token, per reply or by a constant (`losses.masked_mean`).
 
+Under torchrun each rank samples its slice of a step's prompts, each reply with its own
+seed (`reply_seeds`), and the update takes the steps one process takes on the whole batch
+(`rollout.update_passes`): the same replies and, to rounding, the same weights.
+
 Every `checkpoint_every` steps the policy, the optimiser and the elapsed training time are
 checkpointed (DIR/<stage>/checkpoints/); `resume=True` continues from the newest one exactly,
 since a step's prompts and samples are functions of (seed, step).
@@ -31,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import GRPOConfig, RunConfig
+from lmforge.config import ConfigError, GRPOConfig, RunConfig
 from lmforge.data.prompts import read_prompts
 from lmforge.data.readers import SkipReport
-from lmforge.eval.chat import answer_accuracy
+from lmforge.eval.chat import right_answers
 from lmforge.eval.gold import spread
 from lmforge.io import load_model_dir, sha256_file
 from lmforge.losses import (
@@ -61,10 +65,14 @@ from lmforge.rollout import (
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
+    Dist,
     TrainingProgress,
+    all_reduce_sum,
+    all_reduce_sums,
     build_optimizer,
     console,
     finish_training,
+    gather_ints,
     setup_device,
     start_log,
 )
@@ -91,6 +99,23 @@ def fitting(
     return kept, len(records) - len(kept)
 
 
+def reply_seeds(seed: int, step: int, first: int, n: int) -> list[int]:
+    """The sampling seeds of replies first .. first + n - 1 of a step's batch: each reply's
+    draws are its own, so a torchrun job samples what one process samples."""
+    return [
+        ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63 for row in range(first, first + n)
+    ]
+
+
+def held_out_accuracy(
+    policy: Transformer, tokenizer: Tokenizer, held: list[dict], max_new_tokens: int, d: Dist
+) -> float:
+    """The share of `held` answered right, greedy; under torchrun each rank answers every
+    world_size-th prompt."""
+    right = right_answers(policy, tokenizer, held[d.rank :: d.world_size], max_new_tokens)
+    return round(all_reduce_sum(right, d) / len(held), 4)
+
+
 def policy_update(
     policy: Transformer,
     reference: Transformer | None,
@@ -100,11 +125,21 @@ def policy_update(
     gc: GRPOConfig,
     pad_id: int,
     device: torch.device,
+    d: Dist | None = None,
+    width: int = 0,
+    offset: int = 0,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """`gc.iterations` passes of `gc.minibatches` optimiser steps over the rollouts, each
-    with its advantage adv (B,); returns the loss, clip fraction, KL and entropy averaged
-    over the steps."""
-    batch = reply_batch(rollouts, pad_id).to(device)
+    """`gc.iterations` passes of `gc.minibatches` optimiser steps over the first B rollouts,
+    each with its advantage adv (B,); returns the loss, clip fraction, KL and entropy
+    averaged over the steps.
+
+    Under torchrun (`d`) they are rows offset .. offset + B - 1 of the whole batch's `total`,
+    replies padded to `width` (the longest of every rank's), and the steps are the ones a
+    single process takes on the whole batch (`rollout.update_passes`). A rank with nothing
+    to learn from (B = 0) still passes one rollout, through which it computes its share of
+    zero."""
+    batch = reply_batch(rollouts, pad_id, width).to(device)
     mask = batch.targets != IGNORE_INDEX
     ref = None
     if reference is not None:
@@ -112,9 +147,12 @@ def policy_update(
             ref = token_logprobs(
                 reply_logits(reference, batch, None, gc.temperature), batch.targets
             )
-    adv = adv.to(device)[:, None]
+    n_rows = len(adv)
+    adv = (adv if n_rows else torch.zeros(1)).to(device)[:, None]  # (B or 1, 1)
 
-    def step_loss(mb: list[int], _: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(rows: list[int], _: int) -> tuple[torch.Tensor, dict[str, float], float]:
+        # no row of this minibatch here: a loss of weight 0 through every parameter
+        mb = rows or [0]
         logits = reply_logits(policy, batch, mb, gc.temperature)
         logp = token_logprobs(logits, batch.targets[mb])
         per_token, clipped = clipped_policy_loss(logp, batch.old[mb], adv[mb], gc.clip_eps)
@@ -126,17 +164,21 @@ def policy_update(
                 "kl": masked_mean(kl, mask[mb]).item(),
                 "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
             }
-        return loss, figures
+        weight = float(mask[rows].sum()) if gc.loss_level == "token" else float(len(rows))
+        return loss, figures, weight
 
     policy.train()
     return update_passes(
         list(policy.parameters()),
         optimizer,
-        len(rollouts),
+        n_rows,
         gc.iterations,
         gc.minibatches,
         gc.grad_clip,
         step_loss,
+        d,
+        offset,
+        total,
     )
 
 
@@ -163,14 +205,20 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
+    if gc.prompts_per_step % d.world_size:
+        raise ConfigError(
+            f"grpo.prompts_per_step {gc.prompts_per_step} does not split evenly over the "
+            f"{d.world_size} processes: set it to a multiple of {d.world_size}"
+        )
     reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
     eval_tokens = gc.max_new_tokens
-    before = answer_accuracy(policy, tokenizer, held, eval_tokens)
-    console.print(
-        f"grpo: {len(records)} prompts from {data_path}; {gc.steps} steps x "
-        f"{gc.prompts_per_step} prompts x {gc.group_size} samples on {d.device}; "
-        f"held-out accuracy before: {before}"
-    )
+    before = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
+    if d.is_main:
+        console.print(
+            f"grpo: {len(records)} prompts from {data_path}; {gc.steps} steps x "
+            f"{gc.prompts_per_step} prompts x {gc.group_size} samples on {d.device} x "
+            f"{d.world_size}; held-out accuracy before: {before}"
+        )
 
     optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
     # a checkpoint resumes only the run it came from: same batch shape, same starting model
@@ -180,15 +228,28 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
     }
     log, batches, state = start_log(
-        out, len(records), gc.prompts_per_step, cfg.seed, policy, optimizer, expect, resume, "grpo"
+        out,
+        len(records),
+        gc.prompts_per_step,
+        cfg.seed,
+        policy,
+        optimizer,
+        expect,
+        resume,
+        "grpo",
+        d.is_main,
     )
+    # each rank samples its own slice of a step's prompts
+    share = gc.prompts_per_step // d.world_size
+    mine = slice(d.rank * share, (d.rank + 1) * share)
     generated = 0
     start = time.perf_counter()
     elapsed_before = state.get("elapsed_seconds", 0.0)
-    with TrainingProgress(gc.steps, "grpo") as progress:
-        for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before):
+    with TrainingProgress(gc.steps, "grpo", enabled=d.is_main) as progress:
+        for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before, d):
             t0 = time.perf_counter()
-            indices = next(batches)
+            indices = next(batches)[mine]
+            first_row = mine.start * gc.group_size
             rolls = rollout(
                 policy,
                 tokenizer,
@@ -197,7 +258,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
                 gc.group_size,
                 gc.max_new_tokens,
                 gc.temperature,
-                seed=cfg.seed * 1_000_003 + step,
+                seed=reply_seeds(cfg.seed, step, first_row, len(indices) * gc.group_size),
             )
             rewards = reward([records[r.record] for r in rolls], [r.text for r in rolls])
             correct = [verifiable_reward(records[r.record], r.text) for r in rolls]
@@ -210,26 +271,43 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             keep = informative & ~truncated if gc.truncated == "exclude" else informative
             t1 = time.perf_counter()
             chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
+            # where this rank's rows sit in the whole batch, and the longest of all of them
+            longest = max((len(r.tokens) for r in chosen), default=0)
+            counts = gather_ints([len(chosen), longest], d)
+            kept = [n for n, _ in counts]
             update = {}
-            if chosen:
+            if sum(kept):
                 update = policy_update(
                     policy,
                     reference,
                     optimizer,
-                    chosen,
+                    chosen or rolls[:1],
                     adv[keep],
                     gc,
                     tokenizer.pad_id,
                     d.device,
+                    d,
+                    width=max(w for _, w in counts),
+                    offset=sum(kept[: d.rank]),
+                    total=sum(kept),
                 )
+            totals = [
+                rewards.sum().item(),
+                sum(correct),
+                len(indices) - int(informative.sum()) // gc.group_size,
+                truncated.sum().item(),
+                sum(len(r.tokens) for r in rolls),
+            ]
+            rewarded, right, skipped, cut, tokens = all_reduce_sums(totals, d)
+            n = gc.prompts_per_step * gc.group_size
             record = {
                 "step": step,
                 "loss": update.get("loss", 0.0),
-                "reward": round(rewards.mean().item(), 4),
-                "sample_accuracy": round(sum(correct) / len(correct), 4),
-                "skipped_groups": len(indices) - int(informative.sum()) // gc.group_size,
-                "truncated": round(truncated.float().mean().item(), 4),
-                "reply_tokens": round(sum(len(r.tokens) for r in rolls) / len(rolls), 2),
+                "reward": round(rewarded / n, 4),
+                "sample_accuracy": round(right / n, 4),
+                "skipped_groups": int(skipped),
+                "truncated": round(cut / n, 4),
+                "reply_tokens": round(tokens / n, 2),
                 **{k: v for k, v in update.items() if k != "loss"},
                 "rollout_seconds": round(t1 - t0, 3),
                 "train_seconds": round(time.perf_counter() - t1, 3),
@@ -238,13 +316,16 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             log.write(**record)
             elapsed = elapsed_before + time.perf_counter() - start
             saved = {**expect, "elapsed_seconds": round(elapsed, 3)}
-            checkpoint_step(out, step, policy, optimizer, gc, saved)
-            generated += sum(len(r.tokens) for r in rolls)
+            checkpoint_step(out, step, policy, optimizer, gc, saved, d.is_main)
+            generated += tokens
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=record["loss"], tok_s=tok_s)
 
-    finish_training(out, policy, tokenizer, log, "grpo")
-    after = answer_accuracy(policy, tokenizer, held, eval_tokens)
+    if d.is_main:
+        finish_training(out, policy, tokenizer, log, "grpo")
+    after = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
+    if not d.is_main:
+        return {}
     history = log.read()  # the whole run's, across resumes
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10) :]
     steps_done = history[-1]["step"] if history else 0
@@ -267,5 +348,5 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         "eval_prompts_too_long": held_too_long,
     }
     console.print(f"grpo: {summary}")
-    summary.update(seconds=timer.seconds, device=f"{d.device.type} x 1")
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x {d.world_size}")
     return write_summary(out, summary)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import PPOConfig, RunConfig
+from lmforge.config import ConfigError, PPOConfig, RunConfig
 from lmforge.data.readers import SkipReport, read_records
 from lmforge.data.sft import checked_messages
 from lmforge.data.shards import TokenBatches, load_shard
@@ -204,7 +204,7 @@ def ppo_update(
                 "value_loss": masked_mean(value_loss, mask[mb]).item(),
                 "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
             }
-        return loss, figures
+        return loss, figures, 1.0  # one process: the weight only scales across ranks
 
     policy.train()
     figures = update_passes(
@@ -266,6 +266,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     pc: PPOConfig = cfg.ppo
     timer = Timer()
     d = setup_device(pc.device, pc.num_threads)
+    if d.world_size > 1:
+        raise ConfigError(
+            f"{stage} runs in one process ({d.world_size} were started by torchrun): "
+            "run `lmforge ppo` without torchrun"
+        )
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg)
     base_dir = find_model_dir(run_dir, pc.model, "ppo.model", ["sft", "pretrain"])
