@@ -173,6 +173,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "step_seconds_lmforge": round(step, 3),
         "step_seconds_trl": round(trl_step, 3),
+        "tokens_per_s_lmforge": round(tokens / step, 1),
+        "tokens_per_s_trl": round(tokens / trl_step, 1),
         "rollout_seconds_lmforge": round(rollout, 3),
         "rollout_seconds_trl": round(trl_rollout, 3),
         "rollout_tokens_per_s_lmforge": round(tokens / rollout, 1),
@@ -181,7 +183,7 @@ def main() -> None:
         "rollout_ratio": round(trl_rollout / rollout, 2),
     }
     for key, value in results.items():
-        print(f"{key:24s} {value}")
+        print(f"{key:30s} {value}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

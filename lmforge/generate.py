@@ -173,8 +173,9 @@ def decode_steps(
     from (softmax of logits / temperature, before top-k/top-p: with neither, exactly the
     policy's at temperature 1) is computed in the same pass.
     `seed`: one for the batch's random numbers, or one per row, which makes each row's
-    draws its own whatever else is in the batch (a GRPO group sampled by any rank of a
-    torchrun job draws the same replies).
+    random numbers its own whatever else is in the batch (a GRPO group sampled by any rank
+    of a torchrun job gets the same numbers, so the same replies up to floating-point
+    differences in the logits of batches of other shapes).
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
     """
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -7,13 +7,12 @@ at the end of each stage, so that none reads a stage's output before it is writt
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import ConfigError, RunConfig, to_toml
 from lmforge.stages import clean, dpo, grpo, kto, ppo, pretrain, rlaif, rm, sft, tokenizer, world
-from lmforge.train_utils import Dist, console, setup_device, wait_for_all_ranks
+from lmforge.train_utils import Dist, console, setup_device, wait_for_all_ranks, world_size
 
 STAGES: dict[str, Callable[..., dict]] = {
     "world": world.run,
@@ -38,7 +37,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     """Run cfg.stages into run_dir; returns each stage's summary (under torchrun, rank 0's;
     the other ranks return none)."""
     d = Dist()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         alone = [name for name in cfg.stages if name not in DATA_PARALLEL | ONE_PROCESS]
         if alone:
             raise ConfigError(
@@ -58,7 +57,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
             resumable = "resume" in inspect.signature(STAGES[name]).parameters
             options = {"resume": resume} if resumable else {}
             summary = STAGES[name](cfg, run_dir, **options)
-            if summary:
+            if d.is_main:
                 summaries[name] = summary
         wait_for_all_ranks(d)
     return summaries

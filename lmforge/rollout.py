@@ -111,7 +111,7 @@ def reply_batch(rollouts: list[Rollout], pad_id: int, width: int = 0) -> ReplyBa
     apart by their tokens."""
     firsts, rows = distinct_rows([r.prompt for r in rollouts])
     prompts, valid = left_pad([rollouts[b].prompt for b in firsts], pad_id, "cpu")
-    width = max(width, *(len(r.tokens) for r in rollouts))
+    width = max([width, *(len(r.tokens) for r in rollouts)])
     targets = torch.full((len(rollouts), width), IGNORE_INDEX, dtype=torch.long)
     old = torch.zeros((len(rollouts), width))
     for b, r in enumerate(rollouts):
@@ -163,7 +163,9 @@ def update_passes(
     share of the minibatch's weight and the gradients are summed over the ranks, so every
     step is the one process's. A rank with none of a minibatch's rows gets `rows` empty:
     `step_loss` must then return a loss of weight 0 that reaches every parameter, so that
-    each rank's gradients have the same shape."""
+    each rank's gradients have the same shape. The figures are combined over the ranks by
+    the same shares (for a loss over replies, a per-token figure is then a little off the
+    one process's)."""
     d = d or Dist()
     total = n_rows if total is None else total
     size = math.ceil(total / minibatches)
@@ -193,14 +195,19 @@ def checkpoint_step(
     optimizer: torch.optim.Optimizer,
     section: OnlineRL,
     state: dict[str, Any],
-    main: bool = True,
+    d: Dist | None = None,
 ) -> None:
     """After every `section.checkpoint_every`-th step and the last (by count, or because
-    state["elapsed_seconds"] has passed `section.time_limit`), a checkpoint holding `state`
-    (for `start_log(resume=True)`); only the `main` process writes (under torchrun, rank 0)."""
-    out_of_time = section.time_limit and state["elapsed_seconds"] > section.time_limit
+    state["elapsed_seconds"] has passed `section.time_limit`: under torchrun, on any rank's
+    clock, as `rl_steps` stops), a checkpoint holding `state` (for `start_log(resume=True)`),
+    written by the main process."""
+    d = d or Dist()
+    out_of_time = False
+    if section.time_limit:
+        late = state["elapsed_seconds"] > section.time_limit
+        out_of_time = all_reduce_sum(float(late), d) > 0
     due = step % section.checkpoint_every == 0 or step == section.steps or out_of_time
-    if main and due:
+    if d.is_main and due:
         save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
 
 

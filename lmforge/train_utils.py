@@ -5,6 +5,7 @@ schedule, checkpoints, metrics, progress and plots. Recipes own their loops; the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -52,6 +53,11 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """How many processes torchrun started (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
     """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
     NCCL on GPUs, gloo on CPUs."""
@@ -60,7 +66,7 @@ def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -68,9 +74,12 @@ def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world_size, local_rank, dev)
+    if processes > 1 and not dist.is_initialized():
+        # long enough for the ranks that wait while rank 0 alone makes the world, cleans the
+        # corpus and trains the tokenizer (`pipeline.run_pipeline`)
+        timeout = datetime.timedelta(hours=2)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    return Dist(rank, processes, local_rank, dev)
 
 
 def wait_for_all_ranks(d: Dist) -> None:

@@ -92,15 +92,20 @@ def train_rm_on_feedback(export_dir: Path, model_dir: Path, run_dir: Path) -> di
     return json.loads((run_dir / "rm" / "summary.json").read_text())
 
 
+def torchrun_command(n: int, *args) -> list[str]:
+    """`torchrun --nproc_per_node N -m lmforge ARGS`, as a user runs it on one machine."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return [sys.executable, *launcher, "-m", "lmforge", *map(str, args)]
+
+
 def torchrun_stage(stage: str, args: list, n: int, tiny_run: Path, out: Path) -> list[str]:
-    """`torchrun --nproc_per_node N -m lmforge STAGE ARGS --out OUT` on the tiny run's world,
-    tokenizer, pretrained and SFT models (linked into OUT), asserting that it succeeded;
-    returns the command."""
+    """`torchrun_command(N, STAGE, *ARGS, "--out", OUT)` on the tiny run's world, tokenizer,
+    pretrained and SFT models (linked into OUT), asserting that it succeeded; returns the
+    command."""
     out.mkdir()
     for earlier in ("world", "tokenizer", "pretrain", "sft"):
         (out / earlier).symlink_to(tiny_run / earlier)
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    cmd = [sys.executable, *launcher, "-m", "lmforge", stage, *map(str, args), "--out", str(out)]
+    cmd = torchrun_command(n, stage, *args, "--out", out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cmd

@@ -8,15 +8,16 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, TINY, lmforge, torchrun_stage
+import torch.distributed as dist
+from conftest import ENV, TINY, lmforge, torchrun_command, torchrun_stage
+from safetensors.torch import save_file
 
 from lmforge import experiments
-from lmforge.config import GRPOConfig, load_config
+from lmforge.config import GRPOConfig, ModelConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
 from lmforge.generate import generate, sample_completions
@@ -32,6 +33,7 @@ from lmforge.losses import (
     rloo_advantages,
     token_logprobs,
 )
+from lmforge.model import Transformer
 from lmforge.rewards import (
     answer_value,
     combined_reward,
@@ -46,6 +48,7 @@ from lmforge.rollout import Rollout, reply_batch, reply_logits
 from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
+from lmforge.train_utils import Dist
 from lmforge.world.arithmetic import problem_sets
 from lmforge.world.sft import rl_train, sft_eval_arithmetic
 
@@ -293,6 +296,62 @@ def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, 
     )
     assert (logp() - before) * sign > 0.01
     assert figures["entropy"] > 0 and figures["kl"] == 0.0
+
+
+def _update_case(level: str) -> tuple[Transformer, list[Rollout], torch.Tensor, GRPOConfig]:
+    """A tiny policy, 8 replies of 1 to 6 tokens to 2 prompts with their sampling
+    log-probs, their advantages, and 2 passes of 3 minibatches a step."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    model = Transformer(cfg)
+    prompts = [[3, 4, 5], [7, 8]]
+    rows = [prompts[i // 4] for i in range(8)]
+    completions = sample_completions(
+        model, rows, [1, 3, 6, 2, 5, 4, 6, 1], seed=1, with_logprobs=True
+    )
+    rollouts = [
+        Rollout(i // 4, rows[i], c.tokens, c.logprobs, "", False) for i, c in enumerate(completions)
+    ]
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    return model, rollouts, adv, GRPOConfig(iterations=2, minibatches=3, lr=0.01, loss_level=level)
+
+
+def _update_on_a_rank(rank: int, ends: list[int], level: str, tmp: str) -> None:
+    """Rank `rank` of len(ends) - 1 updates on rollouts ends[rank] .. ends[rank + 1] - 1 of
+    `_update_case`; rank 0 saves the weights."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=len(ends) - 1
+    )
+    model, rollouts, adv, gc = _update_case(level)
+    first, end = ends[rank], ends[rank + 1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
+    policy_update(
+        model, None, optimizer, rollouts[first:end] or rollouts[:1], adv[first:end], gc, 0,
+        torch.device("cpu"), Dist(rank, len(ends) - 1), width=6, offset=first, total=8,
+    )  # fmt: skip
+    if rank == 0:
+        save_file(
+            {k: v.clone() for k, v in model.state_dict().items()}, f"{tmp}/weights.safetensors"
+        )
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "constant"])
+@pytest.mark.parametrize("ends", [[0, 4, 8], [0, 8, 8]], ids=["straddling", "one-rank-idle"])
+def test_grpo_update_spread_over_ranks_takes_the_one_process_steps(ends, level, tmp_path):
+    model, rollouts, adv, gc = _update_case(level)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
+    policy_update(model, None, optimizer, rollouts, adv, gc, 0, torch.device("cpu"))
+    # minibatches of rows 0-2, 3-5 and 6-7: with ends [0, 4, 8] the second is split between
+    # the ranks (row 3 on the first, 4-5 on the second); with [0, 8, 8] the second rank has
+    # no row at all and computes its share of zero through a placeholder reply
+    torch.multiprocessing.spawn(_update_on_a_rank, (ends, level, str(tmp_path)), nprocs=2)
+    spread = load_tensors(tmp_path / "weights.safetensors")
+    start = _update_case(level)[0].state_dict()
+    trained = model.state_dict()
+    assert any(not torch.equal(trained[name], start[name]) for name in start)
+    for name, tensor in trained.items():
+        assert torch.allclose(spread[name], tensor, atol=1e-6), name
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -556,9 +615,10 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
 
 @pytest.mark.parametrize("level", ["token", "constant"])
 def test_grpo_in_two_processes_takes_the_steps_of_one(level, tiny_run, tmp_path):
-    # a length reward makes every group informative; 2 passes of 2 minibatches a step
+    # a length reward makes every group informative; 2 passes of 3 minibatches a step, the
+    # second of which straddles the two ranks' rows
     args = ["--config", TINY, "grpo.steps=3", "grpo.rewards={verifiable=1.0, length=0.5}"]
-    args += ["grpo.iterations=2", "grpo.minibatches=2", f"grpo.loss_level={level}"]
+    args += ["grpo.iterations=2", "grpo.minibatches=3", f"grpo.loss_level={level}"]
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"x{n}"
@@ -591,8 +651,7 @@ def test_grpo_in_two_processes_takes_the_steps_of_one(level, tiny_run, tmp_path)
 
 def test_the_default_pipeline_runs_under_torchrun(tiny_run, tmp_path):
     out = tmp_path / "run"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [*launcher, "-m", "lmforge", "run", "--config", TINY, "--out", str(out)]
+    cmd = torchrun_command(2, "run", "--config", TINY, "--out", out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/summary.json")}

@@ -15,7 +15,8 @@ aggregated per token, per reply or by a constant (`losses.masked_mean`).
 
 Under torchrun each rank samples its slice of a step's prompts, each reply with its own
 seed (`reply_seeds`), and the update takes the steps one process takes on the whole batch
-(`rollout.update_passes`): the same replies and, to rounding, the same weights.
+(`rollout.update_passes`): the same random numbers, so the same replies up to floating-point
+differences in the logits, and the same steps.
 
 Every `checkpoint_every` steps the policy, the optimiser and the elapsed training time are
 checkpointed (DIR/<stage>/checkpoints/); `resume=True` continues from the newest one exactly,
@@ -75,6 +76,7 @@ from lmforge.train_utils import (
     gather_ints,
     setup_device,
     start_log,
+    world_size,
 )
 
 
@@ -187,6 +189,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     `resume` continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     gc = cfg.grpo
     timer = Timer()
+    if gc.prompts_per_step % world_size():
+        raise ConfigError(
+            f"grpo.prompts_per_step {gc.prompts_per_step} does not split evenly over the "
+            f"{world_size()} processes: set it to a multiple of {world_size()}"
+        )
     d = setup_device(gc.device, gc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg)
@@ -205,11 +212,6 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
-    if gc.prompts_per_step % d.world_size:
-        raise ConfigError(
-            f"grpo.prompts_per_step {gc.prompts_per_step} does not split evenly over the "
-            f"{d.world_size} processes: set it to a multiple of {d.world_size}"
-        )
     reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
     eval_tokens = gc.max_new_tokens
     before = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
@@ -316,7 +318,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             log.write(**record)
             elapsed = elapsed_before + time.perf_counter() - start
             saved = {**expect, "elapsed_seconds": round(elapsed, 3)}
-            checkpoint_step(out, step, policy, optimizer, gc, saved, d.is_main)
+            checkpoint_step(out, step, policy, optimizer, gc, saved, d)
             generated += tokens
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=record["loss"], tok_s=tok_s)

@@ -80,6 +80,7 @@ from lmforge.train_utils import (
     finish_training,
     setup_device,
     start_log,
+    world_size,
 )
 from lmforge.world.scoring import gold_score
 
@@ -265,12 +266,12 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     pc: PPOConfig = cfg.ppo
     timer = Timer()
-    d = setup_device(pc.device, pc.num_threads)
-    if d.world_size > 1:
+    if world_size() > 1:
         raise ConfigError(
-            f"{stage} runs in one process ({d.world_size} were started by torchrun): "
+            f"{stage} runs in one process ({world_size()} were started by torchrun): "
             "run `lmforge ppo` without torchrun"
         )
+    d = setup_device(pc.device, pc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg)
     base_dir = find_model_dir(run_dir, pc.model, "ppo.model", ["sft", "pretrain"])
