@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import ConfigError, RunConfig, to_toml
+from lmforge.rollout import check_prompt_split
 from lmforge.stages import clean, dpo, grpo, kto, ppo, pretrain, rlaif, rm, sft, tokenizer, world
 from lmforge.train_utils import Dist, console, setup_device, wait_for_all_ranks, world_size
 
@@ -29,7 +30,7 @@ STAGES: dict[str, Callable[..., dict]] = {
 }
 
 
-DATA_PARALLEL = frozenset({"pretrain", "sft", "rm", "dpo", "kto", "grpo"})
+DATA_PARALLEL = frozenset({"pretrain", "sft", "rm", "dpo", "kto", "grpo", "ppo"})
 ONE_PROCESS = frozenset({"world", "clean", "tokenizer"})  # rank 0's under torchrun
 
 
@@ -44,6 +45,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
                 f"stages {alone} run in one process: under torchrun, leave them out of "
                 "`stages` and run them afterwards with `lmforge <stage>`"
             )
+        for name in {"grpo", "ppo"} & set(cfg.stages):
+            check_prompt_split(name, getattr(cfg, name))
         d = setup_device(cfg.pretrain.device, cfg.pretrain.num_threads)
     run_dir = Path(run_dir)
     if d.is_main:

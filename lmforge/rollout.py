@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import OnlineRL
+from lmforge.config import ConfigError, OnlineRL
 from lmforge.eval.chat import chat_prompts
 from lmforge.generate import distinct_rows, left_pad, sample_completions
 from lmforge.losses import IGNORE_INDEX
@@ -35,6 +35,7 @@ from lmforge.train_utils import (
     save_checkpoint,
     sum_gradients_over_ranks,
     weighted_mean_over_ranks,
+    world_size,
 )
 
 
@@ -86,6 +87,40 @@ def rollout(
             )
         )
     return out
+
+
+def fitting(
+    records: list[dict], tokenizer: Tokenizer, policy: Transformer, section: OnlineRL
+) -> tuple[list[dict], int]:
+    """The records whose prompt leaves `section.max_new_tokens` in the model's context, and
+    how many did not (GSM8K questions can outgrow a small model's context). With only these,
+    `rollout` never cuts the budget, so a reply's length does not depend on the rest of its
+    batch (under torchrun, the rank's slice)."""
+    room = policy.cfg.max_seq_len - section.max_new_tokens
+    kept = [
+        r
+        for r in records
+        if len(tokenizer.render_chat(r["messages"], add_generation_prompt=True)[0]) <= room
+    ]
+    return kept, len(records) - len(kept)
+
+
+def check_prompt_split(name: str, section: OnlineRL) -> None:
+    """Refuse a step's prompts that do not split evenly over torchrun's processes (each rank
+    samples its own slice of them), naming the key."""
+    if section.prompts_per_step % world_size():
+        raise ConfigError(
+            f"{name}.prompts_per_step {section.prompts_per_step} does not split evenly over "
+            f"the {world_size()} processes: set it to a multiple of {world_size()}"
+        )
+
+
+def reply_seeds(seed: int, step: int, first: int, n: int) -> list[int]:
+    """The sampling seeds of replies first .. first + n - 1 of a step's batch: each reply's
+    random numbers are its own, so a torchrun job draws what one process draws."""
+    return [
+        ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63 for row in range(first, first + n)
+    ]
 
 
 @dataclass

@@ -98,12 +98,19 @@ def torchrun_command(n: int, *args) -> list[str]:
     return [sys.executable, *launcher, "-m", "lmforge", *map(str, args)]
 
 
-def torchrun_stage(stage: str, args: list, n: int, tiny_run: Path, out: Path) -> list[str]:
-    """`torchrun_command(N, STAGE, *ARGS, "--out", OUT)` on the tiny run's world, tokenizer,
-    pretrained and SFT models (linked into OUT), asserting that it succeeded; returns the
-    command."""
+def torchrun_stage(
+    stage: str,
+    args: list,
+    n: int,
+    tiny_run: Path,
+    out: Path,
+    inputs: Sequence[str] = ("world", "tokenizer", "pretrain", "sft"),
+) -> list[str]:
+    """`torchrun_command(N, STAGE, *ARGS, "--out", OUT)` on the tiny run's `inputs` (linked
+    into OUT: by default its world, tokenizer, pretrained and SFT models), asserting that it
+    succeeded; returns the command."""
     out.mkdir()
-    for earlier in ("world", "tokenizer", "pretrain", "sft"):
+    for earlier in inputs:
         (out / earlier).symlink_to(tiny_run / earlier)
     cmd = torchrun_command(n, stage, *args, "--out", out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)

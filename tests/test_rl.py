@@ -4,6 +4,7 @@ records (the world's and GSM8K's), the rollout engine's log-probs, one GRPO upda
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ from conftest import ENV, TINY, lmforge, torchrun_command, torchrun_stage
 from safetensors.torch import save_file
 
 from lmforge import experiments
-from lmforge.config import GRPOConfig, ModelConfig, load_config
+from lmforge.config import GRPOConfig, ModelConfig, PPOConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
 from lmforge.generate import generate, sample_completions
@@ -316,41 +317,64 @@ def _update_case(level: str) -> tuple[Transformer, list[Rollout], torch.Tensor, 
     return model, rollouts, adv, GRPOConfig(iterations=2, minibatches=3, lr=0.01, loss_level=level)
 
 
-def _update_on_a_rank(rank: int, ends: list[int], level: str, tmp: str) -> None:
-    """Rank `rank` of len(ends) - 1 updates on rollouts ends[rank] .. ends[rank + 1] - 1 of
-    `_update_case`; rank 0 saves the weights."""
+def _spread_update(
+    algorithm: str, level: str, ends: list[int] | None = None, rank: int = 0
+) -> dict[str, torch.Tensor]:
+    """The weights after one update (`grpo.policy_update`, or `ppo.ppo_update` with its
+    value head) on `_update_case`: on all its rollouts in one process, or, under torchrun,
+    on rollouts ends[rank] .. ends[rank + 1] - 1 on this rank."""
+    model, rollouts, adv, gc = _update_case(level)
+    first, end = (0, 8) if ends is None else (ends[rank], ends[rank + 1])
+    spread = {} if ends is None else {"width": 6, "offset": first, "total": 8}
+    d = None if ends is None else Dist(rank, len(ends) - 1)
+    mine, cpu = rollouts[first:end] or rollouts[:1], torch.device("cpu")
+    if algorithm == "grpo":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
+        policy_update(model, None, optimizer, mine, adv[first:end], gc, 0, cpu, d, **spread)
+        return model.state_dict()
+    value_head = ValueHead(model.cfg.dim)
+    both = torch.nn.ModuleList([model, value_head])
+    optimizer = torch.optim.AdamW(both.parameters(), lr=gc.lr)
+    pc = PPOConfig(iterations=2, minibatches=3, lr=gc.lr)
+    reference = copy.deepcopy(model)
+    ppo_update(
+        model, value_head, reference, optimizer, mine, adv[first:end], 0.05, pc, 0, cpu, None,
+        0, d, **spread,
+    )  # fmt: skip
+    return {
+        **model.state_dict(),
+        **{f"value_head.{k}": v for k, v in value_head.state_dict().items()},
+    }
+
+
+def _spread_update_on_a_rank(rank: int, algorithm: str, level: str, ends: list, tmp: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=len(ends) - 1
     )
-    model, rollouts, adv, gc = _update_case(level)
-    first, end = ends[rank], ends[rank + 1]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
-    policy_update(
-        model, None, optimizer, rollouts[first:end] or rollouts[:1], adv[first:end], gc, 0,
-        torch.device("cpu"), Dist(rank, len(ends) - 1), width=6, offset=first, total=8,
-    )  # fmt: skip
+    weights = _spread_update(algorithm, level, ends, rank)
     if rank == 0:
-        save_file(
-            {k: v.clone() for k, v in model.state_dict().items()}, f"{tmp}/weights.safetensors"
-        )
+        save_file({k: v.clone() for k, v in weights.items()}, f"{tmp}/weights.safetensors")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("level", ["token", "sequence", "constant"])
+@pytest.mark.parametrize(
+    "algorithm, level",
+    [("grpo", "token"), ("grpo", "sequence"), ("grpo", "constant"), ("ppo", "token")],
+)
 @pytest.mark.parametrize("ends", [[0, 4, 8], [0, 8, 8]], ids=["straddling", "one-rank-idle"])
-def test_grpo_update_spread_over_ranks_takes_the_one_process_steps(ends, level, tmp_path):
-    model, rollouts, adv, gc = _update_case(level)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
-    policy_update(model, None, optimizer, rollouts, adv, gc, 0, torch.device("cpu"))
+def test_an_update_spread_over_ranks_takes_the_one_process_steps(algorithm, level, ends, tmp_path):
     # minibatches of rows 0-2, 3-5 and 6-7: with ends [0, 4, 8] the second is split between
     # the ranks (row 3 on the first, 4-5 on the second); with [0, 8, 8] the second rank has
-    # no row at all and computes its share of zero through a placeholder reply
-    torch.multiprocessing.spawn(_update_on_a_rank, (ends, level, str(tmp_path)), nprocs=2)
+    # no row at all and computes its share of zero through a placeholder reply (for PPO, the
+    # advantages are whitened and the KL taken over the first rank's replies alone)
+    one = _spread_update(algorithm, level)
+    args = (algorithm, level, ends, str(tmp_path))
+    torch.multiprocessing.spawn(_spread_update_on_a_rank, args, nprocs=2)
     spread = load_tensors(tmp_path / "weights.safetensors")
     start = _update_case(level)[0].state_dict()
-    trained = model.state_dict()
-    assert any(not torch.equal(trained[name], start[name]) for name in start)
-    for name, tensor in trained.items():
+    assert any(not torch.equal(one[name], start[name]) for name in start)
+    assert spread.keys() == one.keys()
+    for name, tensor in one.items():
         assert torch.allclose(spread[name], tensor, atol=1e-6), name
 
 
@@ -613,23 +637,35 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
     assert [r["step"] for r in _timeless(out / stage / "metrics.jsonl") if "lr" in r] == [1, 2]
 
 
+def _in_one_and_two_processes(
+    stage: str,
+    args: list,
+    tiny_run: Path,
+    tmp_path: Path,
+    inputs: tuple = ("world", "tokenizer", "pretrain", "sft"),
+) -> tuple:
+    """`stage` run under torchrun in 1 and in 2 processes on the tiny run's `inputs`: for
+    each, its logged steps (without timings), its summary and its weights; then the
+    2-process command."""
+    runs = []
+    for n in (1, 2):
+        out = tmp_path / f"x{n}"
+        cmd = torchrun_stage(stage, args, n, tiny_run, out, inputs)
+        summary = json.loads((out / stage / "summary.json").read_text())
+        weights = load_tensors(out / stage / "model.safetensors")
+        runs.append((_timeless(out / stage / "metrics.jsonl"), summary, weights))
+    return runs[0], runs[1], cmd
+
+
 @pytest.mark.parametrize("level", ["token", "constant"])
 def test_grpo_in_two_processes_takes_the_steps_of_one(level, tiny_run, tmp_path):
     # a length reward makes every group informative; 2 passes of 3 minibatches a step, the
     # second of which straddles the two ranks' rows
     args = ["--config", TINY, "grpo.steps=3", "grpo.rewards={verifiable=1.0, length=0.5}"]
     args += ["grpo.iterations=2", "grpo.minibatches=3", f"grpo.loss_level={level}"]
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"x{n}"
-        cmd = torchrun_stage("grpo", args, n, tiny_run, out)
-        summary = json.loads((out / "grpo" / "summary.json").read_text())
-        runs[n] = (
-            _timeless(out / "grpo" / "metrics.jsonl"),
-            summary,
-            load_tensors(out / "grpo" / "model.safetensors"),
-        )
-    (one, first, a), (two, second, b) = runs[1], runs[2]
+    (one, first, a), (two, second, b), cmd = _in_one_and_two_processes(
+        "grpo", args, tiny_run, tmp_path
+    )
     # each rank samples half the prompts, each reply with its own seed: the same replies
     for key in ("sample_accuracy", "skipped_groups", "reply_tokens", "reward"):
         assert [r[key] for r in one] == [r[key] for r in two], key
@@ -667,7 +703,36 @@ def test_the_default_pipeline_runs_under_torchrun(tiny_run, tmp_path):
     assert proc.stdout.count("grpo: {") == 1  # one rank reports
     # a stage that runs in one process is refused before any work, naming it
     proc = subprocess.run(
-        [*cmd, 'stages=["world", "ppo"]'], capture_output=True, text=True, env=ENV, timeout=300
+        [*cmd, 'stages=["world", "rlaif"]'], capture_output=True, text=True, env=ENV, timeout=300
     )
-    assert proc.returncode != 0 and "['ppo'] run in one process" in proc.stderr, proc.stderr
-    assert not (out / "ppo").exists()
+    assert proc.returncode != 0 and "['rlaif'] run in one process" in proc.stderr, proc.stderr
+    assert not (out / "rlaif").exists()
+
+
+def test_ppo_in_two_processes_takes_the_steps_of_one(tiny_run, tmp_path):
+    # adaptive beta, the pretraining mix and rank 0's probes; 2 passes of 3 minibatches over
+    # 8 replies a step
+    args = ["--config", TINY, "ppo.steps=3", "ppo.kl_target=1.0", "ppo.ptx_coef=0.5"]
+    args += ["ppo.iterations=2", "ppo.minibatches=3", "ppo.eval_every=2"]
+    (logged_one, first, a), (logged_two, second, b), cmd = _in_one_and_two_processes(
+        "ppo", args, tiny_run, tmp_path, ("world", "tokenizer", "pretrain", "sft", "rm")
+    )
+    one, two = ([r for r in logged if "lr" in r] for logged in (logged_one, logged_two))
+    # each rank samples half the prompts, each reply with its own seed: the same replies
+    for key in ("score", "reply_tokens", "truncated"):
+        assert [r[key] for r in one] == [r[key] for r in two], key
+    # whitening, KL and beta over both ranks' replies, and the one process's steps
+    for key in ("loss", "kl", "beta", "explained_variance", "ptx_loss"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-4), key
+    assert len(one) == 3 and all(r["loss"] != 0.0 for r in one)
+    assert first["device"] == "cpu x 1" and second["device"] == "cpu x 2"
+    assert first["pretrain_loss_delta"] == pytest.approx(second["pretrain_loss_delta"], abs=1e-4)
+    # rank 0 probed before steps 1 and 3 and after the last
+    probes = [[r["eval_gold"] for r in run if "eval_gold" in r] for run in (logged_one, logged_two)]
+    assert len(probes[0]) == 3 and probes[0] == pytest.approx(probes[1], abs=1e-4)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # prompts that do not split evenly over the processes are refused, naming the key
+    proc = subprocess.run(
+        [*cmd, "ppo.prompts_per_step=3"], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert proc.returncode != 0 and "ppo.prompts_per_step 3" in proc.stderr, proc.stderr[-2000:]

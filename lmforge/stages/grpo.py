@@ -14,9 +14,9 @@ steps over the batch, with the clipped importance ratio against the sampling pol
 aggregated per token, per reply or by a constant (`losses.masked_mean`).
 
 Under torchrun each rank samples its slice of a step's prompts, each reply with its own
-seed (`reply_seeds`), and the update takes the steps one process takes on the whole batch
-(`rollout.update_passes`): the same random numbers, so the same replies up to floating-point
-differences in the logits, and the same steps.
+seed (`rollout.reply_seeds`), and the update takes the steps one process takes on the whole
+batch (`rollout.update_passes`): the same random numbers, so the same replies up to
+floating-point differences in the logits, and the same steps.
 
 Every `checkpoint_every` steps the policy, the optimiser and the elapsed training time are
 checkpointed (DIR/<stage>/checkpoints/); `resume=True` continues from the newest one exactly,
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import ConfigError, GRPOConfig, RunConfig
+from lmforge.config import GRPOConfig, RunConfig
 from lmforge.data.prompts import read_prompts
 from lmforge.data.readers import SkipReport
 from lmforge.eval.chat import right_answers
@@ -56,9 +56,12 @@ from lmforge.model import Transformer
 from lmforge.rewards import build_reward, verifiable_reward
 from lmforge.rollout import (
     Rollout,
+    check_prompt_split,
     checkpoint_step,
+    fitting,
     reply_batch,
     reply_logits,
+    reply_seeds,
     rl_steps,
     rollout,
     update_passes,
@@ -76,7 +79,6 @@ from lmforge.train_utils import (
     gather_ints,
     setup_device,
     start_log,
-    world_size,
 )
 
 
@@ -85,28 +87,6 @@ def advantages(rewards: torch.Tensor, gc: GRPOConfig) -> torch.Tensor:
     if gc.advantage == "rloo":
         return rloo_advantages(rewards)
     return group_advantages(rewards, scale=gc.scale_std)
-
-
-def fitting(
-    records: list[dict], tokenizer: Tokenizer, policy: Transformer, gc: GRPOConfig
-) -> tuple[list[dict], int]:
-    """The records whose prompt leaves `gc.max_new_tokens` in the model's context, and how
-    many did not (GSM8K questions can outgrow a small model's context)."""
-    room = policy.cfg.max_seq_len - gc.max_new_tokens
-    kept = [
-        r
-        for r in records
-        if len(tokenizer.render_chat(r["messages"], add_generation_prompt=True)[0]) <= room
-    ]
-    return kept, len(records) - len(kept)
-
-
-def reply_seeds(seed: int, step: int, first: int, n: int) -> list[int]:
-    """The sampling seeds of replies first .. first + n - 1 of a step's batch: each reply's
-    draws are its own, so a torchrun job samples what one process samples."""
-    return [
-        ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63 for row in range(first, first + n)
-    ]
 
 
 def held_out_accuracy(
@@ -189,11 +169,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     `resume` continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     gc = cfg.grpo
     timer = Timer()
-    if gc.prompts_per_step % world_size():
-        raise ConfigError(
-            f"grpo.prompts_per_step {gc.prompts_per_step} does not split evenly over the "
-            f"{world_size()} processes: set it to a multiple of {world_size()}"
-        )
+    check_prompt_split("grpo", gc)
     d = setup_device(gc.device, gc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg)

@@ -22,6 +22,13 @@ beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * replies / horizon. With `ptx_coef
 pretraining loss on `ptx_rows` windows of pretraining text is added to each step (PPO-ptx:
 objective = E[r - beta log pi/pi_SFT] + ptx_coef * E_pretrain[log pi]).
 
+Under torchrun each rank samples its slice of a step's prompts, each reply with its own seed
+(`rollout.reply_seeds`); the whitening, the KL (and so beta) and the explained variance are
+taken over every rank's replies, and each optimiser step is the one process's
+(`rollout.update_passes`; every rank adds the same pretraining windows, counted once).
+Every rank scores its share of the held-out pretraining windows; rank 0 alone probes, saves
+and measures the gold figures.
+
 Figures: `gold_score` / `gold_score_before` (mean gold score of the policy's and the SFT
 model's sampled replies to held-out prompts, `eval.gold.compare_to_reference`, with win rates
 and `kl_to_ref`), `pretrain_loss_delta` (held-out pretraining loss after minus before), and
@@ -40,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import ConfigError, PPOConfig, RunConfig
+from lmforge.config import PPOConfig, RunConfig
 from lmforge.data.readers import SkipReport, read_records
 from lmforge.data.sft import checked_messages
 from lmforge.data.shards import TokenBatches, load_shard
@@ -62,10 +69,13 @@ from lmforge.model.reward import RewardModel, load_reward_model, score
 from lmforge.rewards import USES_REWARD_MODEL, build_reward
 from lmforge.rollout import (
     Rollout,
+    check_prompt_split,
     checkpoint_step,
+    fitting,
     reply_batch,
     reply_hidden,
     reply_logits,
+    reply_seeds,
     rl_steps,
     rollout,
     update_passes,
@@ -75,12 +85,13 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
     TrainingProgress,
+    all_reduce_sums,
     build_optimizer,
     console,
     finish_training,
+    gather_ints,
     setup_device,
     start_log,
-    world_size,
 )
 from lmforge.world.scoring import gold_score
 
@@ -117,11 +128,25 @@ def adapt_kl(beta: float, kl: float, target: float, replies: int, horizon: int) 
     return beta * (1.0 + error * replies / horizon)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens."""
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, d: Dist | None = None
+) -> tuple[float, float]:
+    """Mean and variance of x over the masked tokens (under torchrun, every rank's)."""
     m = mask.bool()
-    var = returns[m].var(unbiased=False)
-    return float(1.0 - (returns[m] - values[m]).var(unbiased=False) / var) if var > 0 else 0.0
+    x = x[m].double()
+    n, total, squares = all_reduce_sums(
+        [m.sum().item(), x.sum().item(), (x * x).sum().item()], d or Dist()
+    )
+    mean = total / max(n, 1)
+    return mean, max(squares / max(n, 1) - mean * mean, 0.0)
+
+
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, d: Dist | None = None
+) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens."""
+    var = masked_moments(returns, mask, d)[1]
+    return 1.0 - masked_moments(returns - values, mask, d)[1] / var if var > 0 else 0.0
 
 
 def pretraining_windows(
@@ -142,11 +167,14 @@ def pretraining_windows(
 
 
 def held_out_lm_loss(model: Transformer, windows: TokenBatches | None, d: Dist) -> float | None:
-    """Next-token loss on the first LM_EVAL_BATCHES x LM_EVAL_ROWS held-out windows."""
+    """Next-token loss on the first LM_EVAL_BATCHES x LM_EVAL_ROWS held-out windows (under
+    torchrun each rank scores its share of every batch: the same windows, for any number of
+    processes that divides LM_EVAL_ROWS)."""
     if windows is None:
         return None
     n_batches = max(1, min(LM_EVAL_BATCHES, windows.n_windows // LM_EVAL_ROWS))
-    return lm_loss(model, windows, n_batches, LM_EVAL_ROWS, d, contextlib.nullcontext)
+    rows = max(1, LM_EVAL_ROWS // d.world_size)
+    return lm_loss(model, windows, n_batches, rows, d, contextlib.nullcontext)
 
 
 def ppo_update(
@@ -162,26 +190,40 @@ def ppo_update(
     device: torch.device,
     ptx: TokenBatches | None,
     ptx_step: int,
+    d: Dist | None = None,
+    width: int = 0,
+    offset: int = 0,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """One PPO update on a rollout batch whose replies scored `scores` (B,): per-token
-    rewards, GAE, then `pc.iterations` x `pc.minibatches` clipped policy and value steps
-    (plus the pretraining loss when `pc.ptx_coef` > 0). Returns the batch's KL (nats per
-    reply) and explained variance, and the steps' mean loss, clip fraction, value loss and
-    entropy."""
-    batch = reply_batch(rollouts, pad_id).to(device)
+    """One PPO update on a rollout batch whose first B replies scored `scores` (B,):
+    per-token rewards, GAE, then `pc.iterations` x `pc.minibatches` clipped policy and value
+    steps (plus the pretraining loss when `pc.ptx_coef` > 0). Returns the batch's KL (nats
+    per reply) and explained variance, and the steps' mean loss, clip fraction, value loss
+    and entropy.
+
+    Under torchrun (`d`) the replies are rows offset .. offset + B - 1 of the whole batch's
+    `total`, padded to `width`, as in `grpo.policy_update`: advantages are whitened, and the
+    KL and explained variance taken, over every rank's tokens, and each step is the one a
+    single process takes. A rank with no reply to learn from (B = 0) still passes one."""
+    d = d or Dist()
+    n_rows = len(scores)
+    batch = reply_batch(rollouts, pad_id, width).to(device)
     y, old = batch.targets, batch.old
     mask = y != IGNORE_INDEX
+    mask[n_rows:] = False  # a placeholder reply counts in no figure
     with torch.no_grad():
         ref = token_logprobs(reply_logits(reference, batch, None, pc.temperature), y)
         old_values = value_head(reply_hidden(policy, batch))
     kl = (old - ref) * mask  # log pi/ref of each sampled token
     rewards = -beta * kl
     last = (mask * torch.arange(mask.size(1), device=device)).argmax(1)  # each reply's end
-    rewards[torch.arange(len(rollouts), device=device), last] += scores.to(device)
+    rewards[torch.arange(n_rows, device=device), last[:n_rows]] += scores.to(device)
     adv, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
-    adv = (adv - adv[mask].mean()) / (adv[mask].std(unbiased=False) + 1e-8) * mask
+    mean, var = masked_moments(adv, mask, d)
+    adv = (adv - mean) / (var**0.5 + 1e-8) * mask
 
-    def step_loss(mb: list[int], k: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(rows: list[int], k: int) -> tuple[torch.Tensor, dict[str, float], float]:
+        mb = rows or [0]  # no row of this minibatch here: a loss of weight 0 (see update_passes)
         hidden = reply_hidden(policy, batch, mb)
         logits = policy.lm_head(hidden) / pc.temperature
         logp = token_logprobs(logits, y[mb])
@@ -195,6 +237,8 @@ def ppo_update(
         loss = masked_mean(per_token, mask[mb]) + pc.vf_coef * masked_mean(value_loss, mask[mb])
         figures = {}
         if pc.ptx_coef > 0 and ptx is not None:
+            # under torchrun every rank takes the same windows, which the shares count once:
+            # exact, for world_size times one rank's pretraining compute
             px, py = ptx.micro_batch(ptx_step + k, 0, pc.ptx_rows, 0, 1)
             ptx_loss = masked_cross_entropy(policy(px.to(device)), py.to(device))
             loss = loss + pc.ptx_coef * ptx_loss
@@ -205,21 +249,25 @@ def ppo_update(
                 "value_loss": masked_mean(value_loss, mask[mb]).item(),
                 "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
             }
-        return loss, figures, 1.0  # one process: the weight only scales across ranks
+        return loss, figures, float(mask[rows].sum())
 
     policy.train()
     figures = update_passes(
         list(policy.parameters()) + list(value_head.parameters()),
         optimizer,
-        len(rollouts),
+        n_rows,
         pc.iterations,
         pc.minibatches,
         pc.grad_clip,
         step_loss,
+        d,
+        offset,
+        total,
     )
+    kl_sum, replies = all_reduce_sums([kl.sum().item(), n_rows], d)
     return figures | {
-        "kl": round(kl.sum(1).mean().item(), 5),
-        "explained_variance": round(explained_variance(old_values, returns, mask), 5),
+        "kl": round(kl_sum / replies, 5),
+        "explained_variance": round(explained_variance(old_values, returns, mask, d), 5),
     }
 
 
@@ -266,11 +314,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     continues from the newest checkpoint in DIR/<stage>/checkpoints/."""
     pc: PPOConfig = cfg.ppo
     timer = Timer()
-    if world_size() > 1:
-        raise ConfigError(
-            f"{stage} runs in one process ({world_size()} were started by torchrun): "
-            "run `lmforge ppo` without torchrun"
-        )
+    check_prompt_split("ppo", pc)
     d = setup_device(pc.device, pc.num_threads)
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, stage, cfg)
@@ -282,14 +326,16 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     skips = SkipReport() if pc.skip_bad else None
     data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
     eval_path = find_input(run_dir, pc.eval_data, "ppo.eval_data", ["world/pref_eval.jsonl"])
-    records = read_conversations(data_path, skips)
+    records, too_long = fitting(read_conversations(data_path, skips), tokenizer, policy, pc)
+    if not records:
+        raise ValueError(f"ppo: no prompt in {data_path} leaves max_new_tokens in the context")
     held = read_conversations(eval_path, skips)
     gold_scored = all("kind" in r and "answer" in r for r in held)
     probes = spread(held, pc.probe_prompts) if pc.eval_every and gold_scored else []
     rm_dir = None  # the reward model, where a reward source or the probes use it
     if probes or USES_REWARD_MODEL & set(pc.rewards):
         rm_dir = find_model_dir(run_dir, pc.reward_model, "ppo.reward_model", ["rm/model"])
-    if probes:  # they follow the reward model's score too
+    if probes and d.is_main:  # they follow the reward model's score too (rank 0 probes)
         reward_model, rm_tokenizer, _ = load_reward_model(rm_dir, d.device)
     if pc.eval_prompts:
         held = spread(held, pc.eval_prompts)
@@ -297,10 +343,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     if pc.ptx_coef > 0 and ptx is None:
         raise ValueError("ppo: ptx_coef > 0 needs pretraining token shards in the run")
     loss_before = held_out_lm_loss(policy, val_windows, d)
-    console.print(
-        f"ppo: {len(records)} prompts from {data_path}; {pc.steps} steps x "
-        f"{pc.prompts_per_step} replies on {d.device}; rewards {pc.rewards}"
-    )
+    if d.is_main:
+        console.print(
+            f"ppo: {len(records)} prompts from {data_path}; {pc.steps} steps x "
+            f"{pc.prompts_per_step} replies on {d.device} x {d.world_size}; rewards {pc.rewards}"
+        )
 
     def track() -> dict[str, float]:
         return probe(
@@ -322,18 +369,30 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
         "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
     }
     log, batches, state = start_log(
-        out, len(records), pc.prompts_per_step, cfg.seed, both, optimizer, expect, resume, "ppo"
+        out,
+        len(records),
+        pc.prompts_per_step,
+        cfg.seed,
+        both,
+        optimizer,
+        expect,
+        resume,
+        "ppo",
+        d.is_main,
     )
     beta = state.get("beta", pc.kl_coef)  # the adaptive controller's, where it left off
     elapsed_before = state.get("elapsed_seconds", 0.0)
     start, generated = time.perf_counter(), 0
-    with TrainingProgress(pc.steps, "ppo") as progress:
-        for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before):
+    # each rank samples its own slice of a step's prompts
+    share = pc.prompts_per_step // d.world_size
+    mine = slice(d.rank * share, (d.rank + 1) * share)
+    with TrainingProgress(pc.steps, "ppo", enabled=d.is_main) as progress:
+        for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before, d):
             tracked = {}
-            if probes and (step - 1) % pc.eval_every == 0:
+            if probes and d.is_main and (step - 1) % pc.eval_every == 0:
                 tracked = track()
             t0 = time.perf_counter()
-            indices = next(batches)
+            indices = next(batches)[mine]
             rolls = rollout(
                 policy,
                 tokenizer,
@@ -342,7 +401,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
                 1,
                 pc.max_new_tokens,
                 pc.temperature,
-                seed=cfg.seed * 1_000_003 + step,
+                seed=reply_seeds(cfg.seed, step, mine.start, len(indices)),
             )
             raw = reward([records[r.record] for r in rolls], [r.text for r in rolls])
             scores = raw.clamp(-pc.reward_clip, pc.reward_clip)
@@ -354,14 +413,18 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
             ]
             scores = scores[~truncated] if pc.truncated == "exclude" else scores
             t1 = time.perf_counter()
+            # where this rank's replies sit in the whole batch, and the longest of all of them
+            longest = max((len(r.tokens) for r in kept), default=0)
+            counts = gather_ints([len(kept), longest], d)
+            n_kept = [n for n, _ in counts]
             figures = {}
-            if kept:
+            if sum(n_kept):
                 figures = ppo_update(
                     policy,
                     value_head,
                     reference,
                     optimizer,
-                    kept,
+                    kept or rolls[:1],
                     scores,
                     beta,
                     pc,
@@ -369,19 +432,31 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
                     d.device,
                     ptx,
                     step * pc.iterations * pc.minibatches,
+                    d,
+                    width=max(w for _, w in counts),
+                    offset=sum(n_kept[: d.rank]),
+                    total=sum(n_kept),
                 )
             train_seconds = time.perf_counter() - t1
             if pc.kl_target > 0 and figures:
-                beta = adapt_kl(beta, figures["kl"], pc.kl_target, len(kept), pc.kl_horizon)
+                beta = adapt_kl(beta, figures["kl"], pc.kl_target, sum(n_kept), pc.kl_horizon)
+            totals = [
+                raw.sum().item(),
+                scores.sum().item(),
+                len(scores),
+                truncated.sum().item(),
+                sum(len(r.tokens) for r in rolls),
+            ]
+            scored, clipped, n_scores, cut, tokens = all_reduce_sums(totals, d)
             log.write(
                 step=step,
                 loss=figures.get("loss", 0.0),
-                score=round(raw.mean().item(), 4),
-                score_clipped=round(scores.mean().item(), 4) if len(scores) else 0.0,
+                score=round(scored / pc.prompts_per_step, 4),
+                score_clipped=round(clipped / n_scores, 4) if n_scores else 0.0,
                 **{k: v for k, v in figures.items() if k != "loss"},
                 beta=round(beta, 5),
-                truncated=round(truncated.float().mean().item(), 4),
-                reply_tokens=round(sum(len(r.tokens) for r in rolls) / len(rolls), 2),
+                truncated=round(cut / pc.prompts_per_step, 4),
+                reply_tokens=round(tokens / pc.prompts_per_step, 2),
                 rollout_seconds=round(t1 - t0, 3),
                 train_seconds=round(train_seconds, 3),
                 lr=lr,
@@ -389,12 +464,16 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
             )
             elapsed = elapsed_before + time.perf_counter() - start
             saved = {**expect, "beta": beta, "elapsed_seconds": round(elapsed, 3)}
-            checkpoint_step(out, step, both, optimizer, pc, saved)
-            generated += sum(len(r.tokens) for r in rolls)
+            checkpoint_step(out, step, both, optimizer, pc, saved, d)
+            generated += tokens
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=figures.get("loss", float("nan")), tok_s=tok_s)
 
-    finish_training(out, policy, tokenizer, log, "ppo")
+    if d.is_main:
+        finish_training(out, policy, tokenizer, log, "ppo")
+    loss_after = held_out_lm_loss(policy, val_windows, d)
+    if not d.is_main:  # under torchrun, rank 0 saves and measures
+        return {}
     history = log.read()  # the whole run's, across resumes
     tenth = max(1, len(history) // 10)
     steps_done = history[-1]["step"] if history else 0
@@ -410,13 +489,13 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
         "rollout_seconds": round(sum(r["rollout_seconds"] for r in history), 1),
         "train_seconds": round(sum(r["train_seconds"] for r in history), 1),
         "data_skipped": len(skips.skipped) if skips else 0,
+        "prompts_too_long": too_long,
     }
     if loss_before is not None:
-        after = held_out_lm_loss(policy, val_windows, d)
         summary |= {
             "pretrain_loss_before": round(loss_before, 5),
-            "pretrain_loss_after": round(after, 5),
-            "pretrain_loss_delta": round(after - loss_before, 5),
+            "pretrain_loss_after": round(loss_after, 5),
+            "pretrain_loss_delta": round(loss_after - loss_before, 5),
         }
     if probes:  # the curves' last point, after the last step
         log.write(
@@ -440,5 +519,5 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
         }
         summary |= figures
     console.print(f"ppo: {summary}")
-    summary.update(seconds=timer.seconds, device=f"{d.device.type} x 1")
+    summary.update(seconds=timer.seconds, device=f"{d.device.type} x {d.world_size}")
     return write_summary(out, summary)
