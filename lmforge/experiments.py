@@ -24,12 +24,12 @@ import math
 import statistics
 from pathlib import Path
 
-from lmforge.config import ConfigError, RunConfig
+from lmforge.config import RunConfig
 from lmforge.eval.gold import sample_replies, spread
 from lmforge.io import load_model_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from lmforge.model.reward import load_reward_model, score
 from lmforge.stages import ppo, rm
-from lmforge.train_utils import MetricsLog, console, world_size
+from lmforge.train_utils import MetricsLog, console, one_process_only
 from lmforge.world.scoring import gold_score
 
 NAME = "experiments/overoptimization"
@@ -104,10 +104,7 @@ def plot(curves: dict[str, list[dict]], best_of: list[dict], path: Path) -> None
 
 def overoptimization(cfg: RunConfig, run_dir: Path) -> dict:
     """Run the experiment of the module docstring in `run_dir`; returns the report."""
-    if world_size() > 1:
-        raise ConfigError(
-            "the over-optimisation experiment runs in one process: run it without torchrun"
-        )
+    one_process_only("the over-optimisation experiment")
     run_dir = Path(run_dir)
     xc = cfg.overoptimization
     out = run_dir / NAME

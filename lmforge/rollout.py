@@ -31,6 +31,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
     all_reduce_sum,
+    gather_ints,
     lr_at,
     save_checkpoint,
     sum_gradients_over_ranks,
@@ -113,6 +114,31 @@ def check_prompt_split(name: str, section: OnlineRL) -> None:
             f"{name}.prompts_per_step {section.prompts_per_step} does not split evenly over "
             f"the {world_size()} processes: set it to a multiple of {world_size()}"
         )
+
+
+def my_prompts(prompts_per_step: int, d: Dist) -> slice:
+    """This rank's slice of a step's prompts (all of them in one process)."""
+    share = prompts_per_step // d.world_size
+    return slice(d.rank * share, (d.rank + 1) * share)
+
+
+@dataclass
+class RankRows:
+    """Where a rank's rollouts to learn from sit in a step's whole batch under torchrun:
+    rows offset .. offset + n - 1 of `total` (None: the rank's own are the whole batch),
+    every reply padded to `width` (the longest of every rank's)."""
+
+    offset: int = 0
+    total: int | None = None
+    width: int = 0
+
+
+def rank_rows(kept: list[Rollout], d: Dist) -> RankRows:
+    """Every rank's `RankRows` for its `kept` rollouts, from one gather."""
+    longest = max((len(r.tokens) for r in kept), default=0)
+    counts = gather_ints([len(kept), longest], d)
+    sizes = [n for n, _ in counts]
+    return RankRows(sum(sizes[: d.rank]), sum(sizes), max(w for _, w in counts))
 
 
 def reply_seeds(seed: int, step: int, first: int, n: int) -> list[int]:

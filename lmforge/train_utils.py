@@ -58,6 +58,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def one_process_only(what: str) -> None:
+    """Refuse to run `what`, which has no data-parallel version, under torchrun (before the
+    process group is joined)."""
+    if world_size() > 1:
+        raise ConfigError(
+            f"{what} runs in one process ({world_size()} were started by torchrun): "
+            "run it without torchrun"
+        )
+
+
 def setup_device(device: str = "auto", num_threads: int = 0) -> Dist:
     """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
     NCCL on GPUs, gloo on CPUs."""

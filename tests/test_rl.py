@@ -45,7 +45,7 @@ from lmforge.rewards import (
     steps_reward,
     verifiable_reward,
 )
-from lmforge.rollout import Rollout, reply_batch, reply_logits
+from lmforge.rollout import RankRows, Rollout, reply_batch, reply_logits
 from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
@@ -325,12 +325,12 @@ def _spread_update(
     on rollouts ends[rank] .. ends[rank + 1] - 1 on this rank."""
     model, rollouts, adv, gc = _update_case(level)
     first, end = (0, 8) if ends is None else (ends[rank], ends[rank + 1])
-    spread = {} if ends is None else {"width": 6, "offset": first, "total": 8}
+    rows = None if ends is None else RankRows(offset=first, total=8, width=6)
     d = None if ends is None else Dist(rank, len(ends) - 1)
     mine, cpu = rollouts[first:end] or rollouts[:1], torch.device("cpu")
     if algorithm == "grpo":
         optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
-        policy_update(model, None, optimizer, mine, adv[first:end], gc, 0, cpu, d, **spread)
+        policy_update(model, None, optimizer, mine, adv[first:end], gc, 0, cpu, d, rows)
         return model.state_dict()
     value_head = ValueHead(model.cfg.dim)
     both = torch.nn.ModuleList([model, value_head])
@@ -339,7 +339,7 @@ def _spread_update(
     reference = copy.deepcopy(model)
     ppo_update(
         model, value_head, reference, optimizer, mine, adv[first:end], 0.05, pc, 0, cpu, None,
-        0, d, **spread,
+        0, d, rows,
     )  # fmt: skip
     return {
         **model.state_dict(),

@@ -55,10 +55,13 @@ from lmforge.losses import (
 from lmforge.model import Transformer
 from lmforge.rewards import build_reward, verifiable_reward
 from lmforge.rollout import (
+    RankRows,
     Rollout,
     check_prompt_split,
     checkpoint_step,
     fitting,
+    my_prompts,
+    rank_rows,
     reply_batch,
     reply_logits,
     reply_seeds,
@@ -76,7 +79,6 @@ from lmforge.train_utils import (
     build_optimizer,
     console,
     finish_training,
-    gather_ints,
     setup_device,
     start_log,
 )
@@ -108,20 +110,18 @@ def policy_update(
     pad_id: int,
     device: torch.device,
     d: Dist | None = None,
-    width: int = 0,
-    offset: int = 0,
-    total: int | None = None,
+    rows: RankRows | None = None,
 ) -> dict[str, float]:
     """`gc.iterations` passes of `gc.minibatches` optimiser steps over the first B rollouts,
     each with its advantage adv (B,); returns the loss, clip fraction, KL and entropy
     averaged over the steps.
 
-    Under torchrun (`d`) they are rows offset .. offset + B - 1 of the whole batch's `total`,
-    replies padded to `width` (the longest of every rank's), and the steps are the ones a
-    single process takes on the whole batch (`rollout.update_passes`). A rank with nothing
+    Under torchrun (`d`) they sit in the whole batch where `rows` says, and the steps are the
+    ones a single process takes on the whole batch (`rollout.update_passes`). A rank with nothing
     to learn from (B = 0) still passes one rollout, through which it computes its share of
     zero."""
-    batch = reply_batch(rollouts, pad_id, width).to(device)
+    rows = rows or RankRows()
+    batch = reply_batch(rollouts, pad_id, rows.width).to(device)
     mask = batch.targets != IGNORE_INDEX
     ref = None
     if reference is not None:
@@ -132,9 +132,9 @@ def policy_update(
     n_rows = len(adv)
     adv = (adv if n_rows else torch.zeros(1)).to(device)[:, None]  # (B or 1, 1)
 
-    def step_loss(rows: list[int], _: int) -> tuple[torch.Tensor, dict[str, float], float]:
+    def step_loss(mine: list[int], _: int) -> tuple[torch.Tensor, dict[str, float], float]:
         # no row of this minibatch here: a loss of weight 0 through every parameter
-        mb = rows or [0]
+        mb = mine or [0]
         logits = reply_logits(policy, batch, mb, gc.temperature)
         logp = token_logprobs(logits, batch.targets[mb])
         per_token, clipped = clipped_policy_loss(logp, batch.old[mb], adv[mb], gc.clip_eps)
@@ -146,7 +146,7 @@ def policy_update(
                 "kl": masked_mean(kl, mask[mb]).item(),
                 "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
             }
-        weight = float(mask[rows].sum()) if gc.loss_level == "token" else float(len(rows))
+        weight = float(mask[mine].sum()) if gc.loss_level == "token" else float(len(mine))
         return loss, figures, weight
 
     policy.train()
@@ -159,8 +159,8 @@ def policy_update(
         gc.grad_clip,
         step_loss,
         d,
-        offset,
-        total,
+        rows.offset,
+        rows.total,
     )
 
 
@@ -217,9 +217,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         "grpo",
         d.is_main,
     )
-    # each rank samples its own slice of a step's prompts
-    share = gc.prompts_per_step // d.world_size
-    mine = slice(d.rank * share, (d.rank + 1) * share)
+    mine = my_prompts(gc.prompts_per_step, d)
     generated = 0
     start = time.perf_counter()
     elapsed_before = state.get("elapsed_seconds", 0.0)
@@ -249,12 +247,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             keep = informative & ~truncated if gc.truncated == "exclude" else informative
             t1 = time.perf_counter()
             chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
-            # where this rank's rows sit in the whole batch, and the longest of all of them
-            longest = max((len(r.tokens) for r in chosen), default=0)
-            counts = gather_ints([len(chosen), longest], d)
-            kept = [n for n, _ in counts]
+            rows = rank_rows(chosen, d)
             update = {}
-            if sum(kept):
+            if rows.total:
                 update = policy_update(
                     policy,
                     reference,
@@ -265,9 +260,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
                     tokenizer.pad_id,
                     d.device,
                     d,
-                    width=max(w for _, w in counts),
-                    offset=sum(kept[: d.rank]),
-                    total=sum(kept),
+                    rows,
                 )
             totals = [
                 rewards.sum().item(),

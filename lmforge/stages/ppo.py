@@ -68,10 +68,13 @@ from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, load_reward_model, score
 from lmforge.rewards import USES_REWARD_MODEL, build_reward
 from lmforge.rollout import (
+    RankRows,
     Rollout,
     check_prompt_split,
     checkpoint_step,
     fitting,
+    my_prompts,
+    rank_rows,
     reply_batch,
     reply_hidden,
     reply_logits,
@@ -89,7 +92,6 @@ from lmforge.train_utils import (
     build_optimizer,
     console,
     finish_training,
-    gather_ints,
     setup_device,
     start_log,
 )
@@ -191,9 +193,7 @@ def ppo_update(
     ptx: TokenBatches | None,
     ptx_step: int,
     d: Dist | None = None,
-    width: int = 0,
-    offset: int = 0,
-    total: int | None = None,
+    rows: RankRows | None = None,
 ) -> dict[str, float]:
     """One PPO update on a rollout batch whose first B replies scored `scores` (B,):
     per-token rewards, GAE, then `pc.iterations` x `pc.minibatches` clipped policy and value
@@ -201,13 +201,13 @@ def ppo_update(
     per reply) and explained variance, and the steps' mean loss, clip fraction, value loss
     and entropy.
 
-    Under torchrun (`d`) the replies are rows offset .. offset + B - 1 of the whole batch's
-    `total`, padded to `width`, as in `grpo.policy_update`: advantages are whitened, and the
+    Under torchrun (`d`) the replies sit in the whole batch where `rows` says, as in
+    `grpo.policy_update`: advantages are whitened, and the
     KL and explained variance taken, over every rank's tokens, and each step is the one a
     single process takes. A rank with no reply to learn from (B = 0) still passes one."""
-    d = d or Dist()
+    d, rows = d or Dist(), rows or RankRows()
     n_rows = len(scores)
-    batch = reply_batch(rollouts, pad_id, width).to(device)
+    batch = reply_batch(rollouts, pad_id, rows.width).to(device)
     y, old = batch.targets, batch.old
     mask = y != IGNORE_INDEX
     mask[n_rows:] = False  # a placeholder reply counts in no figure
@@ -222,8 +222,8 @@ def ppo_update(
     mean, var = masked_moments(adv, mask, d)
     adv = (adv - mean) / (var**0.5 + 1e-8) * mask
 
-    def step_loss(rows: list[int], k: int) -> tuple[torch.Tensor, dict[str, float], float]:
-        mb = rows or [0]  # no row of this minibatch here: a loss of weight 0 (see update_passes)
+    def step_loss(mine: list[int], k: int) -> tuple[torch.Tensor, dict[str, float], float]:
+        mb = mine or [0]  # no row of this minibatch here: a loss of weight 0 (see update_passes)
         hidden = reply_hidden(policy, batch, mb)
         logits = policy.lm_head(hidden) / pc.temperature
         logp = token_logprobs(logits, y[mb])
@@ -249,7 +249,7 @@ def ppo_update(
                 "value_loss": masked_mean(value_loss, mask[mb]).item(),
                 "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
             }
-        return loss, figures, float(mask[rows].sum())
+        return loss, figures, float(mask[mine].sum())
 
     policy.train()
     figures = update_passes(
@@ -261,8 +261,8 @@ def ppo_update(
         pc.grad_clip,
         step_loss,
         d,
-        offset,
-        total,
+        rows.offset,
+        rows.total,
     )
     kl_sum, replies = all_reduce_sums([kl.sum().item(), n_rows], d)
     return figures | {
@@ -383,9 +383,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     beta = state.get("beta", pc.kl_coef)  # the adaptive controller's, where it left off
     elapsed_before = state.get("elapsed_seconds", 0.0)
     start, generated = time.perf_counter(), 0
-    # each rank samples its own slice of a step's prompts
-    share = pc.prompts_per_step // d.world_size
-    mine = slice(d.rank * share, (d.rank + 1) * share)
+    mine = my_prompts(pc.prompts_per_step, d)
     with TrainingProgress(pc.steps, "ppo", enabled=d.is_main) as progress:
         for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before, d):
             tracked = {}
@@ -413,12 +411,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
             ]
             scores = scores[~truncated] if pc.truncated == "exclude" else scores
             t1 = time.perf_counter()
-            # where this rank's replies sit in the whole batch, and the longest of all of them
-            longest = max((len(r.tokens) for r in kept), default=0)
-            counts = gather_ints([len(kept), longest], d)
-            n_kept = [n for n, _ in counts]
+            rows = rank_rows(kept, d)
             figures = {}
-            if sum(n_kept):
+            if rows.total:
                 figures = ppo_update(
                     policy,
                     value_head,
@@ -433,13 +428,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
                     ptx,
                     step * pc.iterations * pc.minibatches,
                     d,
-                    width=max(w for _, w in counts),
-                    offset=sum(n_kept[: d.rank]),
-                    total=sum(n_kept),
+                    rows,
                 )
             train_seconds = time.perf_counter() - t1
             if pc.kl_target > 0 and figures:
-                beta = adapt_kl(beta, figures["kl"], pc.kl_target, sum(n_kept), pc.kl_horizon)
+                beta = adapt_kl(beta, figures["kl"], pc.kl_target, rows.total, pc.kl_horizon)
             totals = [
                 raw.sum().item(),
                 scores.sum().item(),

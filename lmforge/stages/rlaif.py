@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.config import ConfigError, RunConfig
+from lmforge.config import RunConfig
 from lmforge.data.readers import read_records
 from lmforge.eval.gold import sample_replies, spread
 from lmforge.io import load_model_dir, write_jsonl_atomic
 from lmforge.judge import Judge, read_constitution
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.stages import dpo
-from lmforge.train_utils import console, setup_device, world_size
+from lmforge.train_utils import console, one_process_only, setup_device
 from lmforge.world.scoring import gold_score
 
 PROMPTS_PER_CALL = 16
@@ -41,12 +41,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     timer = Timer()
     rc = cfg.rlaif
     run_dir = Path(run_dir)
+    one_process_only("rlaif")
     out = stage_dir(run_dir, "rlaif", cfg)
-    if world_size() > 1:
-        raise ConfigError(
-            f"rlaif runs in one process ({world_size()} were started by torchrun): "
-            "run `lmforge rlaif` without torchrun"
-        )
     d = setup_device(cfg.dpo.device, cfg.dpo.num_threads)
     policy_dir = find_model_dir(run_dir, cfg.dpo.model, "dpo.model", ["sft", "pretrain"])
     policy, tokenizer = load_model_dir(policy_dir, d.device)
