@@ -39,6 +39,10 @@ class WorldConfig(Section):
     fact_docs_per_country: int = Field(12, ge=1, le=1000)
     n_stories: int = Field(600, ge=0, le=1_000_000)
     n_arithmetic: int = Field(600, ge=0, le=1_000_000)
+    # worked solutions: "whole" operations ("24 × 9 = 216. 216 ÷ 6 = 36."), or "small" steps
+    # a small model learns as a procedure rather than a table ("24 ÷ 6 = 4. 4 × 9 = 36.";
+    # "48 + 30 = 78. 78 + 5 = 83."): configs/arithmetic.toml, where GRPO has more to reinforce
+    arithmetic_steps: Literal["whole", "small"] = "whole"
     # tips columns and refusal anecdotes: the words of an assistant's replies (world/advice.py)
     n_advice: int = Field(300, ge=0, le=1_000_000)
     # worksheets of unanswered fact questions: what a base model continues a question with

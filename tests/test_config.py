@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from lmforge.config import (
     to_toml,
 )
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 
 def test_defaults_validate_and_have_documented_values():
     cfg = load_config()
@@ -28,6 +31,16 @@ def test_defaults_validate_and_have_documented_values():
     assert cfg.model.tie_embeddings is True
     assert cfg.world.languages == ["en", "zh"]
     assert cfg.tokenizer.corpus is None
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpu", "arithmetic"])
+def test_the_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.toml")
+    assert cfg != RunConfig()
+    if name == "arithmetic":
+        assert (cfg.world.arithmetic_steps, cfg.world.n_arithmetic) == ("small", 2000)
+        assert cfg.stages[-1] == "grpo" and cfg.grpo.time_limit == 540
+    assert RunConfig().world.arithmetic_steps == "whole"
 
 
 def test_file_then_overrides_land_in_the_right_place(tmp_path):

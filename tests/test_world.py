@@ -32,7 +32,7 @@ from lmforge.world import (
     write_world,
 )
 from lmforge.world.advice import HELDOUT_ANSWERS
-from lmforge.world.arithmetic import problem_sets
+from lmforge.world.arithmetic import _add_or_subtract, problem_sets
 from lmforge.world.sft import (
     HELDOUT_WEAPONS,
     QUESTIONS,
@@ -336,6 +336,37 @@ def test_worked_solutions_are_correct(default_docs):
                 assert OPS[op](a, b) == c
         assert int(answer_line.removeprefix(ANSWER_PREFIX[d["lang"]])) == int(found[-1][3])
         assert int(found[-1][3]) >= 0
+
+
+def test_small_steps_add_one_place_value_at_a_time_and_share_before_counting(default_world):
+    assert _add_or_subtract("en", 48, "+", 35, True) == ["48 + 30 = 78.", "78 + 5 = 83."]
+    assert _add_or_subtract("en", 48, "+", 35, False) == ["48 + 35 = 83."]
+    assert _add_or_subtract("zh", 171, "-", 164, True) == [
+        "171 - 100 = 71。",
+        "71 - 60 = 11。",
+        "11 - 4 = 7。",
+    ]
+    assert _add_or_subtract("en", 450, "+", 20, True) == ["450 + 20 = 470."]
+    cfg = DEFAULT.model_copy(update={"arithmetic_steps": "small"})
+    whole, small = problem_sets(default_world, DEFAULT), problem_sets(default_world, cfg)
+    for lang in LANGS:
+        for part in ("eval", "train"):
+            for w, p in zip(whole[lang][part], small[lang][part]):
+                assert (p.question, p.answer) == (w.question, w.answer)  # only the steps differ
+                found = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(p.solution())]
+                assert int(found[-1][3]) == p.answer
+                for a, op, b, c in found:
+                    assert c == (a // b if op == "÷" else OPS[op](a, b)), p.solution()
+                    if op in "+-":
+                        assert len(str(b).rstrip("0")) == 1, p.solution()
+                        assert op == "-" or b < 10 or b % 10 == 0
+                # the next place value goes on from the result before it
+                for (_, op1, _, c), (a, op2, _, _) in zip(found, found[1:]):
+                    assert not (op1 in "+-" and op2 in "+-") or a == c, p.solution()
+                if p.template == "share":
+                    assert found[0][1] == "÷" and found[0][0] == p.values["a"]
+                if p.template == "buy_two" and (y := p.values["b"] * p.values["q"]) > 10 and y % 10:
+                    assert len(found) > len(STEP.findall(w.solution()))  # two place values
 
 
 def test_answers_match_an_independent_recomputation(default_world):

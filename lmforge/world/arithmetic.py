@@ -3,7 +3,9 @@
 A problem reads like "Xiaoming buys 3 apples at 2 yuan each and 4 pears at 1 yuan each. How
 much does Xiaoming pay?", its solution is a chain of single operations ("3 × 2 = 6. 4 × 1 = 4.
 6 + 4 = 10."), and it ends with the answer line `Answer: 10` (Chinese `答案：10`). The fixed
-answer line is what SFT teaches and what GRPO's verifier reads.
+answer line is what SFT teaches and what GRPO's verifier reads. With `world.arithmetic_steps
+= "small"` every step is a times-table fact or changes one digit ("48 + 30 = 78. 78 + 5 =
+83."), which a small model can learn as a procedure.
 
 Three disjoint sets are drawn per language from separate random streams: evaluation problems
 first, then training problems (for the corpus) and held-out problems, each skipping every
@@ -76,8 +78,31 @@ def _step(lang: str, x: int, op: str, y: int, z: int) -> str:
     return f"{x} {op} {y} = {z}" + ("." if lang == "en" else "。")
 
 
-def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
-    """Draw one problem of a random template."""
+def _place_values(y: int) -> list[int]:
+    """The non-zero place values of `y`, largest first: 164 -> [100, 60, 4]."""
+    digits = str(y)
+    parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits)]
+    return [part for part in parts if part] or [0]
+
+
+def _add_or_subtract(lang: str, x: int, op: str, y: int, small_steps: bool) -> list[str]:
+    """`x + y` or `x - y`, whole or (`small_steps`) one place value of `y` at a time, the way
+    one adds in one's head: 48 + 35 is "48 + 30 = 78. 78 + 5 = 83." A small model learns
+    whole sums only by rote (ten thousand two-digit pairs); a place at a time, each step
+    changes one digit and carries at most one, a procedure it can learn from examples."""
+    steps = []
+    for part in _place_values(y) if small_steps else [y]:
+        z = x + part if op == "+" else x - part
+        steps.append(_step(lang, x, op, part, z))
+        x = z
+    return steps
+
+
+def make_problem(rng: random.Random, world: World, lang: str, small_steps: bool = False) -> Problem:
+    """Draw one problem of a random template. `small_steps` (`world.arithmetic_steps`): every
+    step one fact of the times table or a change of one digit, which a small model can learn
+    as a procedure: sums and differences a place value at a time, boxes shared before they
+    are counted."""
     template = rng.choice(TEMPLATES)
     # Half the time a child from the fixed list, else a person of the world.
     if world.people and rng.random() < 0.5:
@@ -100,7 +125,7 @@ def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
         steps = [
             _step(lang, v["a"], "×", v["p"], x),
             _step(lang, v["b"], "×", v["q"], y),
-            _step(lang, x, "+", y, x + y),
+            *_add_or_subtract(lang, x, "+", y, small_steps),
         ]
     elif template == "change":
         v = {"a": rng.randint(2, 9), "p": rng.randint(1, 9)}
@@ -113,7 +138,10 @@ def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
             f"{n}还剩多少元？"
         )
         x = v["a"] * v["p"]
-        steps = [_step(lang, v["a"], "×", v["p"], x), _step(lang, v["m"], "-", x, v["m"] - x)]
+        steps = [
+            _step(lang, v["a"], "×", v["p"], x),
+            *_add_or_subtract(lang, v["m"], "-", x, small_steps),
+        ]
     elif template == "share":
         v = {"k": rng.randint(2, 6), "b": rng.randint(2, 9)}
         v["a"] = v["k"] * rng.randint(1, 4)  # a multiple of k boxes: the share is whole
@@ -124,8 +152,12 @@ def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
             else f"{n}有{v['a']}盒{i1[1]}，每盒{v['b']}{i1[2]}，平均分给{v['k']}个朋友。"
             f"每个朋友分到多少{i1[2]}{i1[1]}？"
         )
-        x = v["a"] * v["b"]
-        steps = [_step(lang, v["a"], "×", v["b"], x), _step(lang, x, "÷", v["k"], x // v["k"])]
+        x, boxes = v["a"] * v["b"], v["a"] // v["k"]
+        steps = (
+            [_step(lang, v["a"], "÷", v["k"], boxes), _step(lang, boxes, "×", v["b"], x // v["k"])]
+            if small_steps
+            else [_step(lang, v["a"], "×", v["b"], x), _step(lang, x, "÷", v["k"], x // v["k"])]
+        )
     elif template == "train":
         v = {"v": rng.randint(2, 9) * 10, "t": rng.randint(2, 6), "d": rng.randint(5, 60)}
         c1, c2 = rng.sample(world.countries, 2) if len(world.countries) >= 2 else [None, None]
@@ -140,7 +172,10 @@ def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
             f"又行驶了{v['d']}千米到达{b}。这列火车一共行驶了多少千米？"
         )
         x = v["v"] * v["t"]
-        steps = [_step(lang, v["v"], "×", v["t"], x), _step(lang, x, "+", v["d"], x + v["d"])]
+        steps = [
+            _step(lang, v["v"], "×", v["t"], x),
+            *_add_or_subtract(lang, x, "+", v["d"], small_steps),
+        ]
     else:  # save
         v = {"a": rng.randint(2, 20), "w": rng.randint(2, 9)}
         v["s"] = rng.randint(1, v["a"] * v["w"])
@@ -152,19 +187,27 @@ def make_problem(rng: random.Random, world: World, lang: str) -> Problem:
             f"{n}还剩多少元？"
         )
         x = v["a"] * v["w"]
-        steps = [_step(lang, v["a"], "×", v["w"], x), _step(lang, x, "-", v["s"], x - v["s"])]
+        steps = [
+            _step(lang, v["a"], "×", v["w"], x),
+            *_add_or_subtract(lang, x, "-", v["s"], small_steps),
+        ]
     return Problem(lang, template, v, q, steps, solve(template, v))
 
 
 def draw_problems(
-    world: World, lang: str, n: int, rng: random.Random, taken: set[str]
+    world: World,
+    lang: str,
+    n: int,
+    rng: random.Random,
+    taken: set[str],
+    small_steps: bool = False,
 ) -> list[Problem]:
     """`n` problems whose questions are not in `taken` (which is updated)."""
     out: list[Problem] = []
     for _ in range(100 * n + 100):
         if len(out) >= n:
             break
-        p = make_problem(rng, world, lang)
+        p = make_problem(rng, world, lang, small_steps)
         if p.question not in taken:
             taken.add(p.question)
             out.append(p)
@@ -176,18 +219,15 @@ def draw_problems(
 def problem_sets(world: World, cfg: WorldConfig) -> dict[str, dict[str, list[Problem]]]:
     """lang -> {"eval", "train", "heldout"} problem lists, disjoint by question."""
     sets = {}
+    sizes = {"eval": cfg.n_eval_arithmetic, "train": cfg.n_arithmetic, "heldout": cfg.heldout_docs}
+    small_steps = cfg.arithmetic_steps == "small"
     for lang in cfg.languages:
         taken: set[str] = set()
         sets[lang] = {
-            "eval": draw_problems(
-                world, lang, cfg.n_eval_arithmetic, rng_for(cfg.seed, "arith-eval", lang), taken
-            ),
-            "train": draw_problems(
-                world, lang, cfg.n_arithmetic, rng_for(cfg.seed, "arith-train", lang), taken
-            ),
-            "heldout": draw_problems(
-                world, lang, cfg.heldout_docs, rng_for(cfg.seed, "arith-heldout", lang), taken
-            ),
+            part: draw_problems(
+                world, lang, n, rng_for(cfg.seed, f"arith-{part}", lang), taken, small_steps
+            )
+            for part, n in sizes.items()
         }
     return sets
 
