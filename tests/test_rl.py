@@ -701,6 +701,7 @@ def test_the_default_pipeline_runs_under_torchrun(tiny_run, tmp_path):
         k: v for k, v in world.items() if k != "seconds"
     }
     assert proc.stdout.count("grpo: {") == 1  # one rank reports
+    assert proc.stderr.count("training prompts") == 1  # rm's data line, once
     # a stage that runs in one process is refused before any work, naming it
     proc = subprocess.run(
         [*cmd, 'stages=["world", "rlaif"]'], capture_output=True, text=True, env=ENV, timeout=300

@@ -281,11 +281,12 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "rm") 
             "one is held out for evaluation)"
         )
     max_steps = planned_steps(rc, len(groups))
-    console.print(
-        f"rm: {len(groups)} training prompts ({sum(len(g) for g in groups)} pairs) from "
-        f"{data_path}; dropped {report['dropped_identical']} identical and "
-        f"{report['dropped_mismatched_prompt']} mismatched pairs; {max_steps} steps"
-    )
+    if d.is_main:
+        console.print(
+            f"rm: {len(groups)} training prompts ({sum(len(g) for g in groups)} pairs) from "
+            f"{data_path}; dropped {report['dropped_identical']} identical and "
+            f"{report['dropped_mismatched_prompt']} mismatched pairs; {max_steps} steps"
+        )
 
     def step(indices: list[int]) -> tuple[torch.Tensor, dict, int, float]:
         batch = [groups[i] for i in indices]
