@@ -49,7 +49,7 @@ from lmforge.rollout import RankRows, Rollout, reply_batch, reply_logits
 from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
-from lmforge.train_utils import Dist
+from lmforge.train_utils import Dist, leave_process_group
 from lmforge.world.arithmetic import problem_sets
 from lmforge.world.sft import rl_train, sft_eval_arithmetic
 
@@ -354,7 +354,7 @@ def _spread_update_on_a_rank(rank: int, algorithm: str, level: str, ends: list, 
     weights = _spread_update(algorithm, level, ends, rank)
     if rank == 0:
         save_file({k: v.clone() for k, v in weights.items()}, f"{tmp}/weights.safetensors")
-    dist.destroy_process_group()
+    leave_process_group()  # a rank that left alone was now and then aborted (SIGABRT)
 
 
 @pytest.mark.parametrize(
