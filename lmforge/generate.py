@@ -168,6 +168,8 @@ def decode_steps(
     """Continue each prompt one token per step, yielding every step as it is decoded (for
     streaming); a row finishes at its first stop token or when its own budget is spent
     (`max_new_tokens`: one for all rows, or one per row). Stops when every row is finished.
+    Finished rows leave the batch, so that one long reply does not keep the others computing;
+    every step is still yielded over the whole batch (pad, and done, for a finished row).
 
     With `with_logprobs`, each token's log-probability under the distribution it was drawn
     from (softmax of logits / temperature, before top-k/top-p: with neither, exactly the
@@ -210,6 +212,7 @@ def decode_steps(
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     seq, cache, nxt = ids, None, ids[:, -1]  # nxt: the last token each row has
+    live = torch.arange(B, device=device)  # the rows still decoded, by their index in the batch
     with model.inference_layout():
         for t in range(steps):
             q_end = T0 + t
@@ -234,10 +237,34 @@ def decode_steps(
                 scaled = logits.float() / temperature if temperature > 0 else logits.float()
                 logprobs = scaled.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
             done = done | torch.isin(nxt, stop) | (last_step <= t)
-            yield Step(t, nxt, logprobs, done)
-            if bool(done.all()):
+            yield _whole_batch(Step(t, nxt, logprobs, done), live, B, pad_id)
+            n_done = int(done.sum())
+            if n_done == len(live):
                 break
             seq = torch.cat([seq, nxt[:, None]], 1) if not use_cache else seq
+            # A finished row costs a whole row of every later step: once a quarter of the rows
+            # are finished, drop them (copying the live rows' cache costs about one step).
+            if 4 * n_done >= len(live):
+                keep = (~done).nonzero()[:, 0]
+                live, nxt, done, valid, positions, last_step, seq = (
+                    x[keep] for x in (live, nxt, done, valid, positions, last_step, seq)
+                )
+                uniforms = uniforms[keep] if uniforms is not None else None
+                if cache is not None:
+                    cache = cache.select_rows(keep)
+
+
+def _whole_batch(step: Step, live: torch.Tensor, batch: int, pad_id: int) -> Step:
+    """A step over the live rows, laid out over the whole batch: rows dropped as finished
+    draw pad, with log-probability 0."""
+    if len(live) == batch:
+        return step
+    tokens = step.tokens.new_full((batch,), pad_id).index_copy(0, live, step.tokens)
+    done = step.done.new_ones(batch).index_copy(0, live, step.done)
+    logprobs = None
+    if step.logprobs is not None:
+        logprobs = step.logprobs.new_zeros(batch).index_copy(0, live, step.logprobs)
+    return Step(step.index, tokens, logprobs, done)
 
 
 def sample_completions(

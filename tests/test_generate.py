@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.generate import generate, invert_cdf, sample_completions, sample_next
+from lmforge.generate import decode_steps, generate, invert_cdf, sample_completions, sample_next
 
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 26], [42], [7, 7, 8, 100, 2]]
 
@@ -188,6 +188,30 @@ def test_a_row_with_its_own_seed_draws_the_same_whatever_else_is_in_the_batch(mo
     assert other[3].tokens != together[3].tokens
     with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
         generate(model, PROMPTS, 3, seed=[1, 2])
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model):
+    prompts = PROMPTS + PROMPTS[::-1]
+    budgets, seeds = [2, 9, 3, 8, 4, 7, 5, 6], [21, 22, 23, 24, 25, 26, 27, 28]
+    rows_per_step = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_step.append(len(o)))
+    try:
+        together = sample_completions(model, prompts, budgets, seed=seeds, with_logprobs=True)
+        steps = list(decode_steps(model, prompts, budgets, seed=seeds, pad_id=3))
+    finally:
+        hook.remove()
+    # the prefill computes the 4 distinct prompts; then the batch shrinks as rows spend their
+    # budgets: 8 rows, then fewer, down to the one with the largest budget
+    decoded = rows_per_step[1 : len(steps)]
+    assert rows_per_step[0] == 4 and decoded[0] == 8 and decoded[-1] == 1
+    assert sorted(decoded, reverse=True) == decoded and len(set(decoded)) >= 4
+    for i, prompt in enumerate(prompts):
+        alone = sample_completions(model, [prompt], budgets[i], seed=[seeds[i]], with_logprobs=True)
+        assert together[i].tokens == alone[0].tokens and len(alone[0].tokens) == budgets[i]
+        assert together[i].logprobs == pytest.approx(alone[0].logprobs, abs=1e-5)
+        # after its last token a row draws pad and stays done, in or out of the batch
+        assert [int(s.tokens[i]) for s in steps[budgets[i] :]] == [3] * (9 - budgets[i])
+        assert [bool(s.done[i]) for s in steps] == [t >= budgets[i] - 1 for t in range(9)]
 
 
 def test_too_long_request_raises(model):

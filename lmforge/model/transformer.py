@@ -128,6 +128,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
 
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A cache of the given batch rows only: their filled positions are copied."""
+        k, v = torch.empty_like(self.k[:, : len(rows)]), torch.empty_like(self.v[:, : len(rows)])
+        k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
+        v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
+        return KVCache(k, v, self.length)
+
 
 @dataclass
 class SharedPrefix:
