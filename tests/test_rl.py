@@ -409,6 +409,24 @@ def test_grpo_runs_on_gsm8k_end_to_end(tiny_run):
     assert 0.0 <= s["arith_accuracy"] <= 1.0  # near zero for a tiny model: only reported
 
 
+def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeypatch):
+    # rollouts cut at max_new_tokens; the held-out accuracy, before and after, with SFT's budget
+    budgets = []
+    evaluate = grpo.held_out_accuracy
+
+    def recording(policy, tokenizer, held, max_new_tokens, d):
+        budgets.append(max_new_tokens)
+        return evaluate(policy, tokenizer, held, max_new_tokens, d)
+
+    monkeypatch.setattr(grpo, "held_out_accuracy", recording)
+    overrides = ["grpo.steps=2", "grpo.max_new_tokens=6", "grpo.eval_max_new_tokens=40"]
+    overrides += [f"grpo.model={tiny_run / 'sft'}", "grpo.eval_prompts=4"]
+    s = grpo.run(load_config(Path(TINY), overrides), tiny_run, stage="grpo_budget")
+    assert budgets == [40, 40] and s["steps"] == 2
+    records = [json.loads(x) for x in (tiny_run / "grpo_budget" / "metrics.jsonl").open()]
+    assert all(0 < r["reply_tokens"] <= 6 for r in records)
+
+
 def test_gae_by_hand():
     # one reply of 3 tokens after a 1-token prompt column, gamma 0.9, lambda 0.5
     rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])

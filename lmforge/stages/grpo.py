@@ -189,7 +189,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
     reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
-    eval_tokens = gc.max_new_tokens
+    eval_tokens = gc.eval_max_new_tokens
     before = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
     if d.is_main:
         console.print(
