@@ -73,7 +73,9 @@ def lmforge_step_times(
         adv = advantages(rewards.view(len(batch), args.group), gc).flatten()
         rollout_times.append(time.perf_counter() - start)
         rollouts = [
-            Rollout(i // args.group, prompts[i // args.group], c.tokens, c.logprobs, t, c.stopped)
+            Rollout(
+                i // args.group, prompts[i // args.group], c.tokens, c.logprobs, t, not c.stopped
+            )
             for i, (c, t) in enumerate(zip(rows, texts))
         ]
         policy_update(

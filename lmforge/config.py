@@ -412,9 +412,9 @@ class GRPOConfig(OnlineRL):
     kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
     # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
     lr: float = Field(3e-5, gt=0.0, le=1.0)
-    # per held-out reply, whatever the rollouts' max_new_tokens: SFT's arith_accuracy budget,
-    # so that the accuracy before GRPO is SFT's
-    eval_max_new_tokens: int = Field(96, ge=1, le=1_048_576)
+    # per held-out reply; None: max_new_tokens. Rollouts cut shorter than SFT's evaluation
+    # (sft.eval_max_new_tokens) keep it here, so that the accuracy before GRPO is SFT's
+    eval_max_new_tokens: int | None = Field(None, ge=1, le=1_048_576)
 
 
 class PPOConfig(OnlineRL):

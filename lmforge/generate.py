@@ -143,7 +143,8 @@ class Completion:
 @dataclass
 class Step:
     """One decoding step over the batch: the token each row drew (pad for rows already
-    finished), its log-probability (with_logprobs only), and which rows are finished now."""
+    finished), its log-probability (with_logprobs only; meaningless for a finished row: the
+    pad's, or 0 once the row has left the batch), and which rows are finished now."""
 
     index: int
     tokens: torch.Tensor  # (B,)
@@ -169,7 +170,8 @@ def decode_steps(
     streaming); a row finishes at its first stop token or when its own budget is spent
     (`max_new_tokens`: one for all rows, or one per row). Stops when every row is finished.
     Finished rows leave the batch, so that one long reply does not keep the others computing;
-    every step is still yielded over the whole batch (pad, and done, for a finished row).
+    every step is still yielded over the whole batch (pad, and done, for a finished row). With
+    one seed for the batch, the numbers drawn after a row has left shift to the others.
 
     With `with_logprobs`, each token's log-probability under the distribution it was drawn
     from (softmax of logits / temperature, before top-k/top-p: with neither, exactly the

@@ -91,13 +91,13 @@ def rollout(
 
 
 def fitting(
-    records: list[dict], tokenizer: Tokenizer, policy: Transformer, section: OnlineRL
+    records: list[dict], tokenizer: Tokenizer, policy: Transformer, max_new_tokens: int
 ) -> tuple[list[dict], int]:
-    """The records whose prompt leaves `section.max_new_tokens` in the model's context, and
-    how many did not (GSM8K questions can outgrow a small model's context). With only these,
-    `rollout` never cuts the budget, so a reply's length does not depend on the rest of its
-    batch (under torchrun, the rank's slice)."""
-    room = policy.cfg.max_seq_len - section.max_new_tokens
+    """The records whose prompt leaves `max_new_tokens` in the model's context, and how many
+    did not (GSM8K questions can outgrow a small model's context). With only these, `rollout`
+    (and the held-out evaluation) never cuts the budget, so a reply's length does not depend
+    on the rest of its batch (under torchrun, the rank's slice)."""
+    room = policy.cfg.max_seq_len - max_new_tokens
     kept = [
         r
         for r in records

@@ -193,26 +193,34 @@ def test_a_row_with_its_own_seed_draws_the_same_whatever_else_is_in_the_batch(mo
 def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model):
     prompts = PROMPTS + PROMPTS[::-1]
     budgets, seeds = [2, 9, 3, 8, 4, 7, 5, 6], [21, 22, 23, 24, 25, 26, 27, 28]
-    rows_per_step = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_step.append(len(o)))
+    rows_per_call = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
     try:
-        together = sample_completions(model, prompts, budgets, seed=seeds, with_logprobs=True)
-        steps = list(decode_steps(model, prompts, budgets, seed=seeds, pad_id=3))
+        steps = list(
+            decode_steps(model, prompts, budgets, seed=seeds, pad_id=3, with_logprobs=True)
+        )
     finally:
         hook.remove()
     # the prefill computes the 4 distinct prompts; then the batch shrinks as rows spend their
     # budgets: 8 rows, then fewer, down to the one with the largest budget
-    decoded = rows_per_step[1 : len(steps)]
-    assert rows_per_step[0] == 4 and decoded[0] == 8 and decoded[-1] == 1
+    assert len(steps) == 9 and rows_per_call[0] == 4
+    decoded = rows_per_call[1:]
+    assert decoded[0] == 8 and decoded[-1] == 1
     assert sorted(decoded, reverse=True) == decoded and len(set(decoded)) >= 4
+    together = sample_completions(model, prompts, budgets, seed=seeds, with_logprobs=True)
+    uncached = sample_completions(model, prompts, budgets, seed=seeds, use_cache=False)
     for i, prompt in enumerate(prompts):
         alone = sample_completions(model, [prompt], budgets[i], seed=[seeds[i]], with_logprobs=True)
-        assert together[i].tokens == alone[0].tokens and len(alone[0].tokens) == budgets[i]
+        assert together[i].tokens == alone[0].tokens == uncached[i].tokens
+        assert len(alone[0].tokens) == budgets[i]
         # the test model's logits are large (init_std 0.5): 1e-5 apart in one CI run
         assert together[i].logprobs == pytest.approx(alone[0].logprobs, abs=1e-4)
         # after its last token a row draws pad and stays done, in or out of the batch
         assert [int(s.tokens[i]) for s in steps[budgets[i] :]] == [3] * (9 - budgets[i])
         assert [bool(s.done[i]) for s in steps] == [t >= budgets[i] - 1 for t in range(9)]
+    # in the last step only row 1 is decoded; the rows that have left report log-probability 0
+    last = steps[-1].logprobs.tolist()
+    assert last[1] < 0 and last[:1] + last[2:] == [0.0] * 7
 
 
 def test_too_long_request_raises(model):

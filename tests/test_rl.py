@@ -23,7 +23,7 @@ from lmforge.config import GRPOConfig, ModelConfig, PPOConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
 from lmforge.generate import generate, sample_completions
-from lmforge.io import load_tensors
+from lmforge.io import load_model_dir, load_tensors
 from lmforge.losses import (
     IGNORE_INDEX,
     clipped_policy_loss,
@@ -415,7 +415,13 @@ def test_grpo_runs_on_gsm8k_end_to_end(tiny_run):
 
 
 def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeypatch):
-    # rollouts cut at max_new_tokens; the held-out accuracy, before and after, with SFT's budget
+    # rollouts cut at max_new_tokens; the held-out accuracy, before and after, with its own
+    # budget, and only on the prompts that leave that budget in the context (so that no
+    # batch's budget is cut): here half of them
+    policy, tokenizer = load_model_dir(tiny_run / "sft")
+    held = read_prompts(tiny_run / "world" / "sft_eval_arithmetic.jsonl")
+    lengths = sorted(len(tokenizer.render_chat(r["messages"], True)[0]) for r in held)
+    budget = policy.cfg.max_seq_len - lengths[len(lengths) // 2]
     budgets = []
     evaluate = grpo.held_out_accuracy
 
@@ -424,10 +430,12 @@ def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeyp
         return evaluate(policy, tokenizer, held, max_new_tokens, d)
 
     monkeypatch.setattr(grpo, "held_out_accuracy", recording)
-    overrides = ["grpo.steps=2", "grpo.max_new_tokens=6", "grpo.eval_max_new_tokens=40"]
+    overrides = ["grpo.steps=2", "grpo.max_new_tokens=6", f"grpo.eval_max_new_tokens={budget}"]
     overrides += [f"grpo.model={tiny_run / 'sft'}", "grpo.eval_prompts=4"]
     s = grpo.run(load_config(Path(TINY), overrides), tiny_run, stage="grpo_budget")
-    assert budgets == [40, 40] and s["steps"] == 2
+    assert budgets == [budget, budget] and budget > 6 and s["steps"] == 2
+    assert s["eval_prompts_too_long"] == sum(n > lengths[len(lengths) // 2] for n in lengths) > 0
+    assert s["prompts_too_long"] == 0
     records = [json.loads(x) for x in (tiny_run / "grpo_budget" / "metrics.jsonl").open()]
     assert all(0 < r["reply_tokens"] <= 6 for r in records)
 

@@ -181,15 +181,17 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     eval_path = find_input(
         run_dir, gc.eval_data, "grpo.eval_data", ["world/sft_eval_arithmetic.jsonl"]
     )
-    records, too_long = fitting(read_prompts(data_path, skips), tokenizer, policy, gc)
-    held, held_too_long = fitting(read_prompts(eval_path, skips), tokenizer, policy, gc)
+    records, too_long = fitting(
+        read_prompts(data_path, skips), tokenizer, policy, gc.max_new_tokens
+    )
+    eval_tokens = gc.eval_max_new_tokens or gc.max_new_tokens
+    held, held_too_long = fitting(read_prompts(eval_path, skips), tokenizer, policy, eval_tokens)
     if not records or not held:
-        empty = data_path if not records else eval_path
-        raise ValueError(f"grpo: no prompt in {empty} leaves max_new_tokens in the context")
+        empty, budget = (data_path, gc.max_new_tokens) if not records else (eval_path, eval_tokens)
+        raise ValueError(f"grpo: no prompt in {empty} leaves {budget} new tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
     reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
-    eval_tokens = gc.eval_max_new_tokens
     before = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
     if d.is_main:
         console.print(

@@ -326,7 +326,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     skips = SkipReport() if pc.skip_bad else None
     data_path = find_input(run_dir, pc.data, "ppo.data", ["world/pref_train.jsonl"])
     eval_path = find_input(run_dir, pc.eval_data, "ppo.eval_data", ["world/pref_eval.jsonl"])
-    records, too_long = fitting(read_conversations(data_path, skips), tokenizer, policy, pc)
+    records, too_long = fitting(
+        read_conversations(data_path, skips), tokenizer, policy, pc.max_new_tokens
+    )
     if not records:
         raise ValueError(f"ppo: no prompt in {data_path} leaves max_new_tokens in the context")
     held = read_conversations(eval_path, skips)
