@@ -127,7 +127,7 @@ def _prefill(
     if len(distinct) == len(prompts):
         return logits, cache
     rows_t = torch.tensor(rows, device=ids.device)
-    return logits[rows_t], KVCache(cache.k[:, rows_t], cache.v[:, rows_t], cache.length)
+    return logits[rows_t], cache.select_rows(rows_t)
 
 
 @dataclass

@@ -129,8 +129,10 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
 
     def select_rows(self, rows: torch.Tensor) -> KVCache:
-        """A cache of the given batch rows only: their filled positions are copied."""
-        k, v = torch.empty_like(self.k[:, : len(rows)]), torch.empty_like(self.v[:, : len(rows)])
+        """A cache of the given batch rows (a row may repeat): their filled positions are
+        copied."""
+        shape = (self.k.size(0), len(rows), *self.k.shape[2:])
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
         k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
         v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
         return KVCache(k, v, self.length)
