@@ -321,10 +321,3 @@ def clipped_value_loss(
     """
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, -sum_v p_v log p_v, (B, T) from
-    logits (B, T, V); in float32."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)

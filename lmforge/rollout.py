@@ -186,19 +186,47 @@ def reply_hidden(
     model: Transformer, batch: ReplyBatch, mb: list[int] | None = None
 ) -> torch.Tensor:
     """The final hidden states (b, Tr, C) that predict each reply token of the rows `mb`
-    (default: all), each prompt computed once."""
+    (default: all), each prompt computed once; zeros past each reply's end, where the model
+    computes nothing but attention (`Transformer.hidden_states`' `keep`)."""
     rows = batch.rows if mb is None else batch.rows[mb]
     inputs = batch.inputs if mb is None else batch.inputs[mb]
+    targets = batch.targets if mb is None else batch.targets[mb]
     used, local = torch.unique(rows, return_inverse=True)
-    return model.continue_prefixes(batch.prompts[used], batch.prompt_valid[used], inputs, local)
+    # input position t predicts reply token t + 1: wanted while that token is real
+    keep = targets[:, 1:] != IGNORE_INDEX
+    return model.continue_prefixes(
+        batch.prompts[used], batch.prompt_valid[used], inputs, local, keep
+    )
 
 
-def reply_logits(
-    model: Transformer, batch: ReplyBatch, mb: list[int] | None = None, temperature: float = 1.0
-) -> torch.Tensor:
-    """Logits (b, Tr, V) of the reply tokens of rows `mb` (`reply_hidden`), over temperature."""
-    logits = model.lm_head(reply_hidden(model, batch, mb))
-    return logits if temperature == 1.0 else logits / temperature  # a pass over B x Tr x V saved
+def reply_logprobs(
+    model: Transformer,
+    batch: ReplyBatch,
+    mb: list[int] | None = None,
+    temperature: float = 1.0,
+    hidden: torch.Tensor | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The log-probabilities (b, Tr) of the reply tokens of rows `mb` (default: all) under
+    softmax(logits / temperature), 0 past each reply's end, from their final hidden states
+    (`reply_hidden`, or `hidden` if given); with `with_entropy`, also each position's entropy
+    (b, Tr; no gradient), else None. Logits are computed only where a reply token is: a
+    batch's replies are padded to its longest, and a (b, Tr, V) tensor of logits for the
+    padding costs a quarter of the update on the world's word problems."""
+    hidden = reply_hidden(model, batch, mb) if hidden is None else hidden
+    targets = batch.targets if mb is None else batch.targets[mb]
+    real = targets != IGNORE_INDEX  # (b, Tr)
+    logits = model.lm_head(hidden[real]).float()  # (N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logits.log_softmax(-1)
+    zeros = logp.new_zeros(targets.shape)
+    picked = zeros.masked_scatter(real, logp.gather(1, targets[real][:, None])[:, 0])
+    if not with_entropy:
+        return picked, None
+    with torch.no_grad():
+        entropy = zeros.masked_scatter(real, -(logp.exp() * logp).sum(-1))
+    return picked, entropy
 
 
 def update_passes(

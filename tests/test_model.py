@@ -107,10 +107,12 @@ def test_kv_cache_chunks_equal_full_forward(make_model, n_kv_heads):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model):
+@pytest.mark.parametrize("only_real", [False, True])
+def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model, only_real):
     """Two prompts of different lengths (one left-padded), three continuations each of
     different lengths (right-padded): every row's states and every gradient are those of the
-    row's whole sequence run alone."""
+    row's whole sequence run alone; with `only_real`, the padding is not computed but by
+    attention (`keep`), and its states are zeros."""
     model = make_model(seed=9, init_std=0.2).train()
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (5, 3)]
@@ -119,8 +121,18 @@ def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model):
     prefixes, valid = left_pad(prompts, 0, "cpu")
     width = max(len(c) for c in conts)
     padded = torch.tensor([c + [0] * (width - len(c)) for c in conts])
-    hidden = model.continue_prefixes(prefixes, valid, padded, torch.tensor(rows))
+    keep = torch.tensor([[t < len(c) for t in range(width)] for c in conts])
+    seen = []  # the positions the feed-forward layers compute in each pass
+    hook = model.model.layers[0].mlp.register_forward_hook(
+        lambda _, args, __: seen.append(args[0].shape[:-1].numel())
+    )
+    hidden = model.continue_prefixes(
+        prefixes, valid, padded, torch.tensor(rows), keep if only_real else None
+    )
+    hook.remove()
+    assert seen == [2 * 5, sum(map(len, conts)) if only_real else 6 * width]
     assert hidden.shape == (6, 1 + width, 32)
+    assert (hidden[:, 1:][~keep] == 0).all() == only_real
     shared = sum(hidden[b, : 1 + len(c)].square().sum() for b, c in enumerate(conts))
     shared.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

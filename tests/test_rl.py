@@ -46,7 +46,7 @@ from lmforge.rewards import (
     steps_reward,
     verifiable_reward,
 )
-from lmforge.rollout import RankRows, Rollout, reply_batch, reply_logits
+from lmforge.rollout import RankRows, Rollout, reply_batch, reply_logprobs
 from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
@@ -267,14 +267,25 @@ def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs
     assert mask.sum(1).tolist() == [len(c.tokens) for c in rows]
     assert batch.targets[0][mask[0]].tolist() == rows[0].tokens
     with torch.no_grad():
-        now = token_logprobs(reply_logits(model, batch), batch.targets)
-        # the same from each row's whole sequence
+        now, entropy = reply_logprobs(model, batch, with_entropy=True)
+        assert now.shape == entropy.shape == mask.shape
+        # the same from each row's whole sequence, and 0 past each reply's end
         for b, (p, c) in enumerate(zip(prompts, rows)):
             full = model(torch.tensor([p + c.tokens]))[0, len(p) - 1 : -1].log_softmax(-1)
             expected = full.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
             assert now[b][mask[b]].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
-        # a minibatch of the rows computes only the prompts it uses
-        assert reply_logits(model, batch, [2]).shape == (1, mask.size(1), 50)
+            spread = -(full.exp() * full).sum(-1)
+            assert entropy[b][mask[b]].tolist() == pytest.approx(spread.tolist(), abs=1e-5)
+        assert not now[~mask].any() and not entropy[~mask].any()
+        # a minibatch of the rows computes only the prompts it uses, to the same figures
+        alone, none = reply_logprobs(model, batch, [2])
+        assert none is None and alone.shape == (1, mask.size(1))
+        assert alone[0].tolist() == pytest.approx(now[2].tolist(), abs=1e-6)
+        # at temperature 2, the log-probs of softmax(logits / 2)
+        hot, _ = reply_logprobs(model, batch, [0], temperature=2.0)
+        full = (model(torch.tensor([prompts[0] + rows[0].tokens]))[0, 2:-1] / 2).log_softmax(-1)
+        expected = full.gather(1, torch.tensor(rows[0].tokens)[:, None])[:, 0]
+        assert hot[0][mask[0]].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
     assert now[mask].tolist() == pytest.approx(batch.old[mask].tolist(), abs=1e-4)
 
 
@@ -288,7 +299,7 @@ def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, 
 
     def logp() -> float:
         with torch.no_grad():
-            return token_logprobs(reply_logits(model, batch), batch.targets).sum().item()
+            return reply_logprobs(model, batch)[0].sum().item()
 
     before = logp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -500,7 +511,7 @@ def test_ppo_update_follows_the_score_and_fits_the_value(make_model, sign):
 
     def logps() -> torch.Tensor:
         with torch.no_grad():
-            return token_logprobs(reply_logits(model, batch), batch.targets).sum(-1)
+            return reply_logprobs(model, batch)[0].sum(-1)
 
     before = logps()
     head = ValueHead(model.cfg.dim)

@@ -163,6 +163,14 @@ class SharedPrefix:
         return k, torch.cat([self.v[layer][self.rows], v], 2)
 
 
+def pad_positions(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """States x (N, ...) of the N positions keep (B, T) marks, laid out as (B, T, ...) with
+    zeros at the others."""
+    out = x.new_zeros(*keep.shape, *x.shape[1:])
+    out[keep] = x
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -174,14 +182,16 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int
+        self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int, keep=None
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # x (B, T, C), or (N, C): the positions keep (B, T) marks (see hidden_states)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if keep is not None:
+            q, k, v = (pad_positions(t, keep) for t in (q, k, v))
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
@@ -190,7 +200,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if keep is None else y[keep])
 
 
 class MLP(nn.Module):
@@ -212,8 +223,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, keep=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -261,6 +272,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | SharedPrefix | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, C) for token ids `idx` (B, T).
 
@@ -268,6 +280,9 @@ class Transformer(nn.Module):
         mask: (B, 1, T, S) bool, True where a query may attend to a key; default: causal.
         cache: a KVCache, filled at positions cache.length.. and advanced by T; or a
             SharedPrefix (see `continue_prefixes`).
+        keep: (B, T) bool, the positions whose states are wanted; the others are padding
+            that no kept position attends to (right padding), and get zeros. Only attention
+            sees the (B, T) layout: every other layer runs on the kept positions alone.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -278,13 +293,14 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         if mask is None and cache is not None and start > 0 and T > 1:
             mask = causal_mask(start, start + T, idx.device)  # (1, 1, T, S): offset
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx if keep is None else idx[keep])  # (B, T, C) or (N, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, keep)
         if cache is not None:
             cache.length += T
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        return x if keep is None else pad_positions(x, keep)
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, V); keyword arguments as for `hidden_states`."""
@@ -296,6 +312,7 @@ class Transformer(nn.Module):
         prefix_valid: torch.Tensor,
         continuations: torch.Tensor,
         rows: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, 1 + Tc, C) of the sequences prefixes[rows[b]] +
         continuations[b], from each prefix's last token on (so position i predicts
@@ -303,7 +320,9 @@ class Transformer(nn.Module):
 
         prefixes (P, Tp) left-padded, prefix_valid (P, Tp) True on their real tokens;
         continuations (B, Tc) right-padded (a row's real tokens never see its padding);
-        rows (B,) long. Gradients flow through both passes.
+        rows (B,) long; keep (B, Tc) bool: the continuation positions whose states are
+        wanted, the others computed only by attention, and zeros (see `hidden_states`;
+        default: all). Gradients flow through both passes.
         """
         Tp, (B, Tc) = prefixes.size(1), continuations.shape
         padded = not bool(prefix_valid.all())
@@ -318,7 +337,7 @@ class Transformer(nn.Module):
         steps = torch.arange(Tc, device=prefixes.device)
         positions = prefix_valid.sum(1)[rows][:, None] + steps  # (B, Tc)
         mask = attention_mask(valid, Tp, Tp + Tc, padded=True)
-        rest = self.hidden_states(continuations, positions, mask, shared)  # (B, Tc, C)
+        rest = self.hidden_states(continuations, positions, mask, shared, keep)  # (B, Tc, C)
         return torch.cat([last[:, None], rest], 1)
 
     @contextlib.contextmanager

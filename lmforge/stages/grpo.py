@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,11 +50,9 @@ from lmforge.losses import (
     k3_kl,
     masked_mean,
     rloo_advantages,
-    token_entropy,
-    token_logprobs,
 )
 from lmforge.model import Transformer
-from lmforge.rewards import build_reward, verifiable_reward
+from lmforge.rewards import BatchReward, build_reward, verifiable_reward
 from lmforge.rollout import (
     RankRows,
     Rollout,
@@ -63,7 +62,7 @@ from lmforge.rollout import (
     my_prompts,
     rank_rows,
     reply_batch,
-    reply_logits,
+    reply_logprobs,
     reply_seeds,
     rl_steps,
     rollout,
@@ -126,17 +125,14 @@ def policy_update(
     ref = None
     if reference is not None:
         with torch.no_grad():
-            ref = token_logprobs(
-                reply_logits(reference, batch, None, gc.temperature), batch.targets
-            )
+            ref, _ = reply_logprobs(reference, batch, None, gc.temperature)
     n_rows = len(adv)
     adv = (adv if n_rows else torch.zeros(1)).to(device)[:, None]  # (B or 1, 1)
 
     def step_loss(mine: list[int], _: int) -> tuple[torch.Tensor, dict[str, float], float]:
         # no row of this minibatch here: a loss of weight 0 through every parameter
         mb = mine or [0]
-        logits = reply_logits(policy, batch, mb, gc.temperature)
-        logp = token_logprobs(logits, batch.targets[mb])
+        logp, entropy = reply_logprobs(policy, batch, mb, gc.temperature, with_entropy=True)
         per_token, clipped = clipped_policy_loss(logp, batch.old[mb], adv[mb], gc.clip_eps)
         kl = k3_kl(logp, ref[mb]) if ref is not None else torch.zeros_like(logp)
         loss = masked_mean(per_token + gc.kl_coef * kl, mask[mb], gc.loss_level)
@@ -144,7 +140,7 @@ def policy_update(
             figures = {
                 "clip_fraction": masked_mean(clipped, mask[mb]).item(),
                 "kl": masked_mean(kl, mask[mb]).item(),
-                "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
+                "entropy": masked_mean(entropy, mask[mb]).item(),
             }
         weight = float(mask[mine].sum()) if gc.loss_level == "token" else float(len(mine))
         return loss, figures, weight
@@ -161,6 +157,82 @@ def policy_update(
         d,
         rows.offset,
         rows.total,
+    )
+
+
+@dataclass
+class GRPOStep:
+    """What one step did: its rollouts and their rewards (after the truncation penalty),
+    right answers and truncations, the groups skipped as all-equal, the update's figures
+    (empty when nothing was learned from), and the seconds spent sampling and scoring
+    (`rollout_seconds`) and updating (`train_seconds`)."""
+
+    rollouts: list[Rollout]
+    rewards: torch.Tensor  # (N,)
+    correct: list[float]
+    truncated: torch.Tensor  # (N,) bool
+    skipped_groups: int
+    update: dict[str, float]
+    rollout_seconds: float
+    train_seconds: float
+
+
+def grpo_step(
+    policy: Transformer,
+    reference: Transformer | None,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    indices: list[int],
+    reward: BatchReward,
+    gc: GRPOConfig,
+    seeds: list[int],
+    d: Dist | None = None,
+) -> GRPOStep:
+    """One GRPO step on records[i] for i in `indices` (under torchrun, this rank's share of
+    the step's prompts): sample `gc.group_size` replies to each (one seed per reply), reward
+    them, and update the policy on the replies of the groups whose rewards differ."""
+    d = d or Dist()
+    t0 = time.perf_counter()
+    rolls = rollout(
+        policy,
+        tokenizer,
+        records,
+        indices,
+        gc.group_size,
+        gc.max_new_tokens,
+        gc.temperature,
+        seed=seeds,
+    )
+    rewards = reward([records[r.record] for r in rolls], [r.text for r in rolls])
+    correct = [verifiable_reward(records[r.record], r.text) for r in rolls]
+    truncated = torch.tensor([r.truncated for r in rolls])
+    if gc.truncated == "penalty":
+        rewards = torch.where(truncated, gc.truncation_reward, rewards)
+    grid = rewards.view(len(indices), gc.group_size)
+    informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
+    adv = advantages(grid, gc).flatten()
+    keep = informative & ~truncated if gc.truncated == "exclude" else informative
+    t1 = time.perf_counter()
+    chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
+    rows = rank_rows(chosen, d)
+    update = {}
+    if rows.total:
+        update = policy_update(
+            policy,
+            reference,
+            optimizer,
+            chosen or rolls[:1],
+            adv[keep],
+            gc,
+            tokenizer.pad_id,
+            d.device,
+            d,
+            rows,
+        )
+    skipped = len(indices) - int(informative.sum()) // gc.group_size
+    return GRPOStep(
+        rolls, rewards, correct, truncated, skipped, update, t1 - t0, time.perf_counter() - t1
     )
 
 
@@ -225,65 +297,33 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     elapsed_before = state.get("elapsed_seconds", 0.0)
     with TrainingProgress(gc.steps, "grpo", enabled=d.is_main) as progress:
         for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before, d):
-            t0 = time.perf_counter()
             indices = next(batches)[mine]
             first_row = mine.start * gc.group_size
-            rolls = rollout(
-                policy,
-                tokenizer,
-                records,
-                indices,
-                gc.group_size,
-                gc.max_new_tokens,
-                gc.temperature,
-                seed=reply_seeds(cfg.seed, step, first_row, len(indices) * gc.group_size),
+            seeds = reply_seeds(cfg.seed, step, first_row, len(indices) * gc.group_size)
+            result = grpo_step(
+                policy, reference, optimizer, tokenizer, records, indices, reward, gc, seeds, d
             )
-            rewards = reward([records[r.record] for r in rolls], [r.text for r in rolls])
-            correct = [verifiable_reward(records[r.record], r.text) for r in rolls]
-            truncated = torch.tensor([r.truncated for r in rolls])
-            if gc.truncated == "penalty":
-                rewards = torch.where(truncated, gc.truncation_reward, rewards)
-            grid = rewards.view(len(indices), gc.group_size)
-            informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
-            adv = advantages(grid, gc).flatten()
-            keep = informative & ~truncated if gc.truncated == "exclude" else informative
-            t1 = time.perf_counter()
-            chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
-            rows = rank_rows(chosen, d)
-            update = {}
-            if rows.total:
-                update = policy_update(
-                    policy,
-                    reference,
-                    optimizer,
-                    chosen or rolls[:1],
-                    adv[keep],
-                    gc,
-                    tokenizer.pad_id,
-                    d.device,
-                    d,
-                    rows,
-                )
+            rolls = result.rollouts
             totals = [
-                rewards.sum().item(),
-                sum(correct),
-                len(indices) - int(informative.sum()) // gc.group_size,
-                truncated.sum().item(),
+                result.rewards.sum().item(),
+                sum(result.correct),
+                result.skipped_groups,
+                result.truncated.sum().item(),
                 sum(len(r.tokens) for r in rolls),
             ]
             rewarded, right, skipped, cut, tokens = all_reduce_sums(totals, d)
             n = gc.prompts_per_step * gc.group_size
             record = {
                 "step": step,
-                "loss": update.get("loss", 0.0),
+                "loss": result.update.get("loss", 0.0),
                 "reward": round(rewarded / n, 4),
                 "sample_accuracy": round(right / n, 4),
                 "skipped_groups": int(skipped),
                 "truncated": round(cut / n, 4),
                 "reply_tokens": round(tokens / n, 2),
-                **{k: v for k, v in update.items() if k != "loss"},
-                "rollout_seconds": round(t1 - t0, 3),
-                "train_seconds": round(time.perf_counter() - t1, 3),
+                **{k: v for k, v in result.update.items() if k != "loss"},
+                "rollout_seconds": round(result.rollout_seconds, 3),
+                "train_seconds": round(result.train_seconds, 3),
                 "lr": lr,
             }
             log.write(**record)

@@ -61,8 +61,6 @@ from lmforge.losses import (
     gae,
     masked_cross_entropy,
     masked_mean,
-    token_entropy,
-    token_logprobs,
 )
 from lmforge.model import Transformer
 from lmforge.model.reward import RewardModel, load_reward_model, score
@@ -77,7 +75,7 @@ from lmforge.rollout import (
     rank_rows,
     reply_batch,
     reply_hidden,
-    reply_logits,
+    reply_logprobs,
     reply_seeds,
     rl_steps,
     rollout,
@@ -212,7 +210,7 @@ def ppo_update(
     mask = y != IGNORE_INDEX
     mask[n_rows:] = False  # a placeholder reply counts in no figure
     with torch.no_grad():
-        ref = token_logprobs(reply_logits(reference, batch, None, pc.temperature), y)
+        ref, _ = reply_logprobs(reference, batch, None, pc.temperature)
         old_values = value_head(reply_hidden(policy, batch))
     kl = (old - ref) * mask  # log pi/ref of each sampled token
     rewards = -beta * kl
@@ -225,8 +223,7 @@ def ppo_update(
     def step_loss(mine: list[int], k: int) -> tuple[torch.Tensor, dict[str, float], float]:
         mb = mine or [0]  # no row of this minibatch here: a loss of weight 0 (see update_passes)
         hidden = reply_hidden(policy, batch, mb)
-        logits = policy.lm_head(hidden) / pc.temperature
-        logp = token_logprobs(logits, y[mb])
+        logp, entropy = reply_logprobs(policy, batch, mb, pc.temperature, hidden, True)
         per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], pc.clip_eps)
         # the value head reads the policy's features but does not train them: through a shared
         # trunk, a value loss that grew with the KL penalty (to 85) wrecked the policy (entropy
@@ -247,7 +244,7 @@ def ppo_update(
             figures |= {
                 "clip_fraction": masked_mean(clipped, mask[mb]).item(),
                 "value_loss": masked_mean(value_loss, mask[mb]).item(),
-                "entropy": masked_mean(token_entropy(logits), mask[mb]).item(),
+                "entropy": masked_mean(entropy, mask[mb]).item(),
             }
         return loss, figures, float(mask[mine].sum())
 
@@ -289,7 +286,7 @@ def probe(
     )
     device = next(policy.parameters()).device
     batch = reply_batch(rolls, tokenizer.pad_id).to(device)
-    ref = token_logprobs(reply_logits(reference, batch), batch.targets)
+    ref, _ = reply_logprobs(reference, batch)
     kl = ((batch.old - ref) * (batch.targets != IGNORE_INDEX)).sum(1).mean().item()
     texts = [(records[r.record]["messages"], r.text) for r in rolls]
     proxy = score(reward_model, rm_tokenizer, texts, reward_model.trunk.cfg.max_seq_len)
