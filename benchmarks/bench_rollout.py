@@ -42,7 +42,7 @@ def lmforge_step_times(
     model_dir: Path, records: list[dict], args
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Seconds of each timed step and of its rollout (sampling, rewards, advantages), its
-    mean reply length in tokens, and the share of its replies the update learned from: the
+    mean reply length in tokens, and the share of its groups the update learned from: the
     GRPO stage's own step (`grpo.grpo_step`), which leaves out groups whose rewards are all
     equal."""
     policy, tokenizer = load_model_dir(model_dir)

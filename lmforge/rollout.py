@@ -27,6 +27,7 @@ from lmforge.eval.chat import chat_prompts
 from lmforge.generate import distinct_rows, left_pad, sample_completions
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model import Transformer
+from lmforge.model.transformer import Kept
 from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
@@ -215,17 +216,16 @@ def reply_logprobs(
     padding costs a quarter of the update on the world's word problems."""
     hidden = reply_hidden(model, batch, mb) if hidden is None else hidden
     targets = batch.targets if mb is None else batch.targets[mb]
-    real = targets != IGNORE_INDEX  # (b, Tr)
-    logits = model.lm_head(hidden[real]).float()  # (N, V)
+    real = Kept((targets != IGNORE_INDEX).flatten().nonzero()[:, 0], *targets.shape)
+    logits = model.lm_head(real.gather(hidden)).float()  # (N, V)
     if temperature != 1.0:
         logits = logits / temperature
     logp = logits.log_softmax(-1)
-    zeros = logp.new_zeros(targets.shape)
-    picked = zeros.masked_scatter(real, logp.gather(1, targets[real][:, None])[:, 0])
+    picked = real.pad(logp.gather(1, real.gather(targets)[:, None])[:, 0])  # (b, Tr)
     if not with_entropy:
         return picked, None
     with torch.no_grad():
-        entropy = zeros.masked_scatter(real, -(logp.exp() * logp).sum(-1))
+        entropy = real.pad(-(logp.exp() * logp).sum(-1))
     return picked, entropy
 
 

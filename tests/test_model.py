@@ -149,6 +149,10 @@ def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model, 
     # continuations of one token only: the prompts' last states
     only = model.continue_prefixes(prefixes, valid, padded[:, :0], torch.tensor(rows))
     torch.testing.assert_close(only[:, 0], hidden[:, 0])
+    # a cache would keep the zeros of positions not computed, for later steps to read
+    cache = KVCache.empty(model.cfg, 6, 16, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="KVCache"):
+        model.hidden_states(padded, cache=cache, keep=keep)
 
 
 def test_rope_depends_only_on_relative_positions(make_model):

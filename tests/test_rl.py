@@ -257,6 +257,9 @@ def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs
     prompts = [[3, 4, 5], [3, 4, 5], [7, 8]]
     rows = sample_completions(model, prompts, 6, seed=3, with_logprobs=True)
     assert rows[0].tokens != rows[1].tokens
+    # replies of 6, 2 and 1 tokens: padding after two of them, one with no input position
+    for c, n in zip(rows, (6, 2, 1)):
+        c.tokens, c.logprobs = c.tokens[:n], c.logprobs[:n]
     rollouts = [
         Rollout(i, p, c.tokens, c.logprobs, "", not c.stopped)
         for i, (p, c) in enumerate(zip(prompts, rows))
@@ -264,10 +267,17 @@ def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs
     batch = reply_batch(rollouts, pad_id=0)
     assert batch.prompts.tolist() == [[3, 4, 5], [0, 7, 8]] and batch.rows.tolist() == [0, 0, 1]
     mask = batch.targets != IGNORE_INDEX
-    assert mask.sum(1).tolist() == [len(c.tokens) for c in rows]
+    assert mask.sum(1).tolist() == [6, 2, 1]
     assert batch.targets[0][mask[0]].tolist() == rows[0].tokens
+    seen = []  # positions through the feed-forward layer: the 2 x 3 prompts', then the replies'
+    hook = model.model.layers[0].mlp.register_forward_hook(
+        lambda _, args, __: seen.append(args[0].shape[:-1].numel())
+    )
     with torch.no_grad():
         now, entropy = reply_logprobs(model, batch, with_entropy=True)
+        hook.remove()
+        # a reply's last token is predicted but never read: 5 + 1 + 0 of its positions
+        assert seen == [6, 6]
         assert now.shape == entropy.shape == mask.shape
         # the same from each row's whole sequence, and 0 past each reply's end
         for b, (p, c) in enumerate(zip(prompts, rows)):

@@ -163,12 +163,24 @@ class SharedPrefix:
         return k, torch.cat([self.v[layer][self.rows], v], 2)
 
 
-def pad_positions(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """States x (N, ...) of the N positions keep (B, T) marks, laid out as (B, T, ...) with
-    zeros at the others."""
-    out = x.new_zeros(*keep.shape, *x.shape[1:])
-    out[keep] = x
-    return out
+@dataclass
+class Kept:
+    """The positions of a (batch, length) layout that the layers compute (`hidden_states`'
+    `keep`), as flat indices: one nonzero for the whole pass, and index copies, which on a GPU
+    do not wait for the host as boolean indexing does."""
+
+    where: torch.Tensor  # (N,) indices into batch * length
+    batch: int
+    length: int
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (batch, length, ...), zeros at the positions not kept."""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.where, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, length, ...) -> (N, ...), the kept positions."""
+        return x.flatten(0, 1).index_select(0, self.where)
 
 
 class Attention(nn.Module):
@@ -182,12 +194,12 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int, keep=None
+        self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int, kept=None
     ) -> torch.Tensor:
-        # x (B, T, C), or (N, C): the positions keep (B, T) marks (see hidden_states)
+        # x (B, T, C), or (N, C): the positions `kept` names (see hidden_states)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if keep is not None:
-            q, k, v = (pad_positions(t, keep) for t in (q, k, v))
+        if kept is not None:
+            q, k, v = kept.pad(q), kept.pad(k), kept.pad(v)
         B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -201,7 +213,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y if keep is None else y[keep])
+        return self.o_proj(y if kept is None else kept.gather(y))
 
 
 class MLP(nn.Module):
@@ -223,8 +235,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, keep=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
+    def forward(self, x, cos, sin, mask, cache, layer, kept=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, kept)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -281,8 +293,10 @@ class Transformer(nn.Module):
         cache: a KVCache, filled at positions cache.length.. and advanced by T; or a
             SharedPrefix (see `continue_prefixes`).
         keep: (B, T) bool, the positions whose states are wanted; the others are padding
-            that no kept position attends to (right padding), and get zeros. Only attention
-            sees the (B, T) layout: every other layer runs on the kept positions alone.
+            that no kept position attends to (each row's kept positions come first: right
+            padding), and get zeros. Only attention sees the (B, T) layout: every other
+            layer runs on the kept positions alone. Not with a KVCache, whose zeros at the
+            padding later steps would read.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -293,14 +307,21 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         if mask is None and cache is not None and start > 0 and T > 1:
             mask = causal_mask(start, start + T, idx.device)  # (1, 1, T, S): offset
-        x = self.model.embed_tokens(idx if keep is None else idx[keep])  # (B, T, C) or (N, C)
+        kept = None
+        if keep is not None:
+            if isinstance(cache, KVCache):
+                raise ValueError("hidden_states: keep= leaves zeros that a KVCache would keep")
+            kept = Kept(keep.flatten().nonzero()[:, 0], B, T)
+        x = self.model.embed_tokens(
+            idx if kept is None else kept.gather(idx)
+        )  # (B, T, C) or (N, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i, keep)
+            x = layer(x, cos, sin, mask, cache, i, kept)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
-        return x if keep is None else pad_positions(x, keep)
+        return x if kept is None else kept.pad(x)
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, V); keyword arguments as for `hidden_states`."""

@@ -190,8 +190,9 @@ def grpo_step(
     d: Dist | None = None,
 ) -> GRPOStep:
     """One GRPO step on records[i] for i in `indices` (under torchrun, this rank's share of
-    the step's prompts): sample `gc.group_size` replies to each (one seed per reply), reward
-    them, and update the policy on the replies of the groups whose rewards differ."""
+    the step's prompts; every rank takes every step, whose update sums gradients over the
+    ranks): sample `gc.group_size` replies to each (one seed per reply), reward them, and
+    update the policy on the replies of the groups whose rewards differ."""
     d = d or Dist()
     t0 = time.perf_counter()
     rolls = rollout(
@@ -212,9 +213,9 @@ def grpo_step(
     grid = rewards.view(len(indices), gc.group_size)
     informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
     adv = advantages(grid, gc).flatten()
-    keep = informative & ~truncated if gc.truncated == "exclude" else informative
+    learn = informative & ~truncated if gc.truncated == "exclude" else informative
     t1 = time.perf_counter()
-    chosen = [r for r, k in zip(rolls, keep.tolist()) if k]
+    chosen = [r for r, k in zip(rolls, learn.tolist()) if k]
     rows = rank_rows(chosen, d)
     update = {}
     if rows.total:
@@ -223,7 +224,7 @@ def grpo_step(
             reference,
             optimizer,
             chosen or rolls[:1],
-            adv[keep],
+            adv[learn],
             gc,
             tokenizer.pad_id,
             d.device,

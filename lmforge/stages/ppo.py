@@ -223,7 +223,9 @@ def ppo_update(
     def step_loss(mine: list[int], k: int) -> tuple[torch.Tensor, dict[str, float], float]:
         mb = mine or [0]  # no row of this minibatch here: a loss of weight 0 (see update_passes)
         hidden = reply_hidden(policy, batch, mb)
-        logp, entropy = reply_logprobs(policy, batch, mb, pc.temperature, hidden, True)
+        logp, entropy = reply_logprobs(
+            policy, batch, mb, pc.temperature, hidden=hidden, with_entropy=True
+        )
         per_token, clipped = clipped_policy_loss(logp, old[mb], adv[mb], pc.clip_eps)
         # the value head reads the policy's features but does not train them: through a shared
         # trunk, a value loss that grew with the KL penalty (to 85) wrecked the policy (entropy
