@@ -312,9 +312,8 @@ class Transformer(nn.Module):
             if isinstance(cache, KVCache):
                 raise ValueError("hidden_states: keep= leaves zeros that a KVCache would keep")
             kept = Kept(keep.flatten().nonzero()[:, 0], B, T)
-        x = self.model.embed_tokens(
-            idx if kept is None else kept.gather(idx)
-        )  # (B, T, C) or (N, C)
+        # (B, T, C), or (N, C) for the kept positions
+        x = self.model.embed_tokens(idx if kept is None else kept.gather(idx))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, kept)
