@@ -173,6 +173,11 @@ class Kept:
     batch: int
     length: int
 
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Kept:
+        """The positions where mask (batch, length) is True."""
+        return cls(mask.flatten().nonzero()[:, 0], *mask.shape)
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (batch, length, ...), zeros at the positions not kept."""
         out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.where, x)
@@ -311,7 +316,7 @@ class Transformer(nn.Module):
         if keep is not None:
             if isinstance(cache, KVCache):
                 raise ValueError("hidden_states: keep= leaves zeros that a KVCache would keep")
-            kept = Kept(keep.flatten().nonzero()[:, 0], B, T)
+            kept = Kept.of(keep)
         # (B, T, C), or (N, C) for the kept positions
         x = self.model.embed_tokens(idx if kept is None else kept.gather(idx))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
