@@ -90,9 +90,11 @@ class Judge:
             ids = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
             for row, p in enumerate(batch):
                 ids[row, : len(p)] = torch.tensor(p)
-            # right padding: a row's last real position sees none of the padding after it
-            last = torch.tensor([len(p) - 1 for p in batch])
-            logits = self.model(ids.to(device))[torch.arange(len(batch)), last.to(device)]
+            # right padding: a row's last real position sees none of the padding after it,
+            # and is the only one whose logits are wanted
+            last = torch.zeros(ids.shape, dtype=torch.bool)
+            last[torch.arange(len(batch)), [len(p) - 1 for p in batch]] = True
+            logits = self.model.logits_at(ids.to(device), last.to(device))  # (B, V)
             pair = logits[:, [yes, no]].float().log_softmax(-1)
             odds.append(pair[:, 0].exp().cpu())
         return torch.cat(odds)

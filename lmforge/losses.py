@@ -28,17 +28,8 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(z_{b,t})[y_{b,t}] per position (B, T), 0 where y = -100.
-
-    logits (B, T, V), targets (B, T) already shifted (z_t predicts y_t); float32.
-    """
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return -nll.view_as(targets)
+    """log softmax(z_i)[y_i] for each of N positions: logits (N, V), targets (N,); float32."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def sequence_logprobs(
@@ -48,11 +39,15 @@ def sequence_logprobs(
 
         s_b = sum_{t in M_b} log softmax(z_{b,t})[y_{b,t}],   n_b = |M_b|,   M_b = {t : y_{b,t} != -100}
 
-    logits (B, T, V), targets (B, T) already shifted (z_t predicts y_t). Returns s (B,) float32
-    and n (B,) int64; a row with no loss token gets s = 0, n = 0. Computed in float32 because
-    the preference losses below subtract sums of hundreds of log-probs.
+    targets (B, T) already shifted (z_t predicts y_t); logits (N, V) only at the N positions
+    of M, in row-major order (`Transformer.logits_at`). Returns s (B,) float32 and n (B,)
+    int64; a row with no loss token gets s = 0, n = 0. Computed in float32 because the
+    preference losses below subtract sums of hundreds of log-probs.
     """
-    return token_logprobs(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
+    wanted = targets != IGNORE_INDEX
+    logp = token_logprobs(logits, targets[wanted])
+    s = logp.new_zeros(targets.size(0)).index_add(0, wanted.nonzero()[:, 0], logp)
+    return s, wanted.sum(-1)
 
 
 def bradley_terry_loss(

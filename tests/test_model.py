@@ -107,6 +107,38 @@ def test_kv_cache_chunks_equal_full_forward(make_model, n_kv_heads):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_are_the_full_logits_there_whatever_the_padding(make_model):
+    model = make_model()
+    torch.manual_seed(1)
+    x = torch.randint(5, 300, (3, 7))
+    lengths = [7, 4, 2]  # right-padded; row 2 wants nothing
+    wanted = torch.zeros(3, 7, dtype=torch.bool)
+    wanted[0, [2, 3, 6]] = True
+    wanted[1, 1:4] = True
+    full = model(x)
+    seen = []  # positions the feed-forward layer computes: none past a row's last wanted
+    hook = model.model.layers[0].mlp.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel())
+    )
+    got = model.logits_at(x, wanted)
+    hook.remove()
+    assert seen == [7 + 4 + 0]
+    torch.testing.assert_close(got, full[wanted], atol=1e-5, rtol=1e-5)
+    # what lies past each row's last wanted position changes nothing, not even its gradient
+    other = x.clone()
+    for b, n in enumerate(lengths):
+        other[b, n:] = 0
+    model.zero_grad()
+    got.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    again = model.logits_at(other, wanted)
+    again.sum().backward()
+    torch.testing.assert_close(again, got, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("only_real", [False, True])
 def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model, only_real):
     """Two prompts of different lengths (one left-padded), three continuations each of

@@ -45,41 +45,28 @@ def log_softmax(row: list[float], i: int) -> float:
 
 
 def test_sequence_logprobs_sums_loss_tokens_only():
-    z = [[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [3.0, -1.0, 2.0]], [[0.2, 0.1, -0.3]] * 3]
-    logits = torch.tensor(z)
+    # logits at the loss positions only, row by row: (0, 1), (0, 2), (1, 0)
+    z = [[0.0, 0.0, 0.0], [3.0, -1.0, 2.0], [0.2, 0.1, -0.3]]
     targets = torch.tensor([[IGNORE_INDEX, 2, 0], [1, IGNORE_INDEX, IGNORE_INDEX]])
+    logits = torch.tensor(z, requires_grad=True)
     s, n = sequence_logprobs(logits, targets)
-    hand = [log_softmax(z[0][1], 2) + log_softmax(z[0][2], 0), log_softmax(z[1][0], 1)]
+    hand = [log_softmax(z[0], 2) + log_softmax(z[1], 0), log_softmax(z[2], 1)]
     assert s.shape == (2,) and s.dtype == torch.float32
     assert s.tolist() == pytest.approx(hand, rel=1e-6)
     assert n.tolist() == [2, 1]
-
-
-def test_sequence_logprobs_ignores_padding_whatever_its_logits():
-    logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0]]])
-    short, n_short = sequence_logprobs(logits, torch.tensor([[1, 0]]))
-    # the same row padded with two positions whose logits are absurd and whose targets are
-    # ignored: the sum, the count and the gradient of the real positions do not change
-    padded = torch.cat([logits, torch.tensor([[[1e4, -1e4], [-1e4, 1e4]]])], dim=1)
-    padded.requires_grad_(True)
-    s, n = sequence_logprobs(padded, torch.tensor([[1, 0, IGNORE_INDEX, IGNORE_INDEX]]))
-    hand = log_softmax([0.0, 1.0], 1) + log_softmax([2.0, 0.0], 0)
-    assert s.item() == pytest.approx(hand, rel=1e-6) and short.item() == pytest.approx(hand)
-    assert n.item() == n_short.item() == 2
-    s.sum().backward()
-    assert padded.grad[0, 2:].abs().max().item() == 0.0
-    # d s / d z_t = onehot(y_t) - softmax(z_t)
-    p = sigmoid(1.0)  # softmax([0, 1])[1]
-    torch.testing.assert_close(padded.grad[0, 0], t(-(1 - p), 1 - p), rtol=0, atol=1e-6)
+    s[1].backward()  # d s / d z = onehot(y) - softmax(z), on row 1's position alone
+    p = torch.tensor(z[2]).softmax(-1)
+    torch.testing.assert_close(logits.grad[2], torch.tensor([0.0, 1.0, 0.0]) - p)
+    assert logits.grad[:2].abs().max().item() == 0.0
 
 
 def test_sequence_logprobs_all_ignored_row_and_bf16_logits():
-    logits = torch.tensor([[[0.5, -0.5, 1.0], [1.0, 1.0, 1.0]]], dtype=torch.bfloat16)
-    s, n = sequence_logprobs(logits, torch.full((1, 2), IGNORE_INDEX))
+    s, n = sequence_logprobs(torch.zeros(0, 3), torch.full((1, 2), IGNORE_INDEX))
     assert s.tolist() == [0.0] and n.tolist() == [0]
-    s, _ = sequence_logprobs(logits, torch.tensor([[IGNORE_INDEX, 0]]))
-    assert s.dtype == torch.float32
-    assert s.item() == pytest.approx(-math.log(3), rel=1e-6)  # bf16 holds 1.0 exactly
+    logits = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.bfloat16)
+    s, n = sequence_logprobs(logits, torch.tensor([[IGNORE_INDEX, 0], [IGNORE_INDEX] * 2]))
+    assert s.dtype == torch.float32 and n.tolist() == [1, 0]
+    assert s.tolist() == pytest.approx([-math.log(3), 0.0], rel=1e-6)  # bf16 holds 1.0 exactly
 
 
 def test_bradley_terry_scalar_and_per_example_margin():

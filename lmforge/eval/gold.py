@@ -56,6 +56,14 @@ def win_rate(scores: list[float], baseline: list[float]) -> dict[str, float]:
     }
 
 
+def summed_logprobs(
+    model: Transformer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`losses.sequence_logprobs` of the targets y (B, T) after inputs x (B, T), right-padded
+    (`collate_completions`), with logits computed only where a target is."""
+    return sequence_logprobs(model.logits_at(x, y != IGNORE_INDEX), y)
+
+
 @torch.no_grad()
 def completion_logprobs(
     model: Transformer, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64
@@ -66,7 +74,7 @@ def completion_logprobs(
     out: list[float] = []
     for i in range(0, len(rows), batch_size):
         x, y = collate_completions(rows[i : i + batch_size], pad_id)
-        logp, _ = sequence_logprobs(model(x.to(device)), y.to(device))
+        logp, _ = summed_logprobs(model, x.to(device), y.to(device))
         out += logp.tolist()
     return out
 

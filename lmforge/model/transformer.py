@@ -331,6 +331,15 @@ class Transformer(nn.Module):
         """Logits (B, T, V); keyword arguments as for `hidden_states`."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
 
+    def logits_at(self, idx: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) at the N positions where wanted (B, T) is True, in row-major order,
+        for token ids idx (B, T), right-padded: what scoring a completion needs. The layers
+        compute nothing past each row's last wanted position, and the output layer only at
+        the wanted ones (on the world's preference pairs, half the positions are padding and
+        a third are targets: a DPO step took half the time of full logits)."""
+        through = wanted.flip(1).cummax(1).values.flip(1)  # up to each row's last wanted
+        return self.lm_head(Kept.of(wanted).gather(self.hidden_states(idx, keep=through)))
+
     def continue_prefixes(
         self,
         prefixes: torch.Tensor,

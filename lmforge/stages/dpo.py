@@ -40,9 +40,9 @@ from lmforge.data.preferences import (
     read_pairs,
 )
 from lmforge.data.readers import SkipReport
-from lmforge.eval.gold import compare_to_reference, completion_logprobs
+from lmforge.eval.gold import compare_to_reference, completion_logprobs, summed_logprobs
 from lmforge.io import load_model_dir, sha256_file
-from lmforge.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logprobs, simpo_loss
+from lmforge.losses import dpo_loss, ipo_loss, orpo_loss, simpo_loss
 from lmforge.model import Transformer
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
 from lmforge.tokenizer import Tokenizer
@@ -195,7 +195,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "dpo")
         x, y = collate_completions(
             [rows[2 * i + k] for i in batch for k in (0, 1)], tokenizer.pad_id
         )
-        logps, counts = sequence_logprobs(policy(x.to(ps.d.device)), y.to(ps.d.device))
+        logps, counts = summed_logprobs(policy, x.to(ps.d.device), y.to(ps.d.device))
         pi, n = logps.view(-1, 2).unbind(1), counts.view(-1, 2).unbind(1)
         ref = ref_logps[batch].to(ps.d.device).unbind(1)
         weights = torch.tensor([pairs[i].weight for i in batch], device=ps.d.device)

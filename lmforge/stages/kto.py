@@ -29,8 +29,8 @@ from lmforge.data.preferences import (
     read_labelled,
 )
 from lmforge.data.readers import SkipReport
-from lmforge.eval.gold import completion_logprobs
-from lmforge.losses import kto_loss, kto_reference_point, sequence_logprobs
+from lmforge.eval.gold import completion_logprobs, summed_logprobs
+from lmforge.losses import kto_loss, kto_reference_point
 from lmforge.stages.dpo import finish_policy_stage, start_policy_stage
 from lmforge.train_utils import (
     console,
@@ -59,7 +59,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "kto")
 
     def step(batch: list[int]) -> tuple[torch.Tensor, dict, int, float]:
         x, y = collate_completions([rows[i] for i in batch], tokenizer.pad_id)
-        pi, _ = sequence_logprobs(policy(x.to(ps.d.device)), y.to(ps.d.device))
+        pi, _ = summed_logprobs(policy, x.to(ps.d.device), y.to(ps.d.device))
         # prompt i with the reply of example i + 1: the KL reference point's pairs, a baseline
         # that is not trained through (as in the paper)
         mismatched = [
@@ -69,7 +69,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "kto")
         with torch.no_grad():
             mx, my = (t.to(ps.d.device) for t in collate_completions(mismatched, tokenizer.pad_id))
             z0 = kto_reference_point(
-                sequence_logprobs(policy(mx), my)[0], sequence_logprobs(reference(mx), my)[0]
+                summed_logprobs(policy, mx, my)[0], summed_logprobs(reference, mx, my)[0]
             )
         labels, ref = desirable[batch].to(ps.d.device), ref_logps[batch].to(ps.d.device)
         loss = kto_loss(pi, ref, labels, z0, kc.beta, kc.w_desirable, kc.w_undesirable).mean()
