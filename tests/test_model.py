@@ -107,35 +107,34 @@ def test_kv_cache_chunks_equal_full_forward(make_model, n_kv_heads):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_logits_at_are_the_full_logits_there_whatever_the_padding(make_model):
+def test_logits_at_are_the_full_logits_at_the_wanted_positions_only(make_model):
     model = make_model()
     torch.manual_seed(1)
     x = torch.randint(5, 300, (3, 7))
-    lengths = [7, 4, 2]  # right-padded; row 2 wants nothing
     wanted = torch.zeros(3, 7, dtype=torch.bool)
-    wanted[0, [2, 3, 6]] = True
-    wanted[1, 1:4] = True
-    full = model(x)
-    seen = []  # positions the feed-forward layer computes: none past a row's last wanted
-    hook = model.model.layers[0].mlp.register_forward_hook(
-        lambda m, args, out: seen.append(args[0].shape[:-1].numel())
-    )
+    wanted[0, [2, 3, 6]] = True  # gaps between them
+    wanted[1, 1:4] = True  # positions 4-6 as right padding
+    full = model(x)[wanted]  # row 2 wants nothing
+    model.zero_grad()
+    full.sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    seen = {"feed-forward": [], "output": []}  # positions each layer computes
+    hooks = [
+        model.model.layers[0].mlp.register_forward_hook(
+            lambda m, args, out: seen["feed-forward"].append(args[0].shape[:-1].numel())
+        ),
+        model.lm_head.register_forward_hook(
+            lambda m, args, out: seen["output"].append(args[0].shape[:-1].numel())
+        ),
+    ]
+    model.zero_grad()
     got = model.logits_at(x, wanted)
-    hook.remove()
-    assert seen == [7 + 4 + 0]
-    torch.testing.assert_close(got, full[wanted], atol=1e-5, rtol=1e-5)
-    # what lies past each row's last wanted position changes nothing, not even its gradient
-    other = x.clone()
-    for b, n in enumerate(lengths):
-        other[b, n:] = 0
-    model.zero_grad()
     got.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    again = model.logits_at(other, wanted)
-    again.sum().backward()
-    torch.testing.assert_close(again, got, atol=1e-5, rtol=1e-5)
-    for p, g in zip(model.parameters(), grads):
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"feed-forward": [7 + 4 + 0], "output": [6]}
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)  # in row-major order
+    for p, g in zip(model.parameters(), full_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 

@@ -333,10 +333,11 @@ class Transformer(nn.Module):
 
     def logits_at(self, idx: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
         """Logits (N, V) at the N positions where wanted (B, T) is True, in row-major order,
-        for token ids idx (B, T), right-padded: what scoring a completion needs. The layers
-        compute nothing past each row's last wanted position, and the output layer only at
-        the wanted ones (on the world's preference pairs, half the positions are padding and
-        a third are targets: a DPO step took half the time of full logits)."""
+        for token ids idx (B, T): what scoring a completion needs. Past each row's last wanted
+        position (a right-padded row's padding) only attention runs, on zeros (see
+        `hidden_states`' `keep`), and the output layer runs only at the wanted positions (on
+        the world's preference pairs, half the positions are padding and a third are
+        targets: a DPO step took half the time of full logits)."""
         through = wanted.flip(1).cummax(1).values.flip(1)  # up to each row's last wanted
         return self.lm_head(Kept.of(wanted).gather(self.hidden_states(idx, keep=through)))
 
