@@ -16,13 +16,17 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
         L = -(1 / |M|) * sum_{t in M} log softmax(z_t)[y_t],   M = {t : y_t != -100}
 
-    logits (B, T, V), targets (B, T). Averaging over the loss tokens, not over rows, weighs a
+    logits (B, T, V) and targets (B, T), or the logits (N, V) at N positions and their targets
+    (N,) (`Transformer.logits_at`). Averaging over the loss tokens, not over rows, weighs a
     long answer by its length, as pretraining does. Computed in float32 (autocast logits are
     bf16 on GPU). With no loss token at all, returns 0 with a gradient (not NaN).
     """
     flat = targets.flatten()
     total = F.cross_entropy(
-        logits.float().flatten(0, 1), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)),
+        flat,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 

@@ -174,6 +174,22 @@ def test_packed_conversations_are_computed_exactly_as_alone(tokenizer, make_mode
     starts = [i for i in range(1, segments.size(1)) if 0 < segments[0, i] != segments[0, i - 1]]
     assert starts and all(y[0, i - 1] == IGNORE_INDEX for i in starts)
 
+    # SFT's loss computes logits at the answer tokens only (logits_at through forward, which
+    # DDP wraps): the same loss and gradients as the full logits, and the output layer sees
+    # exactly the answer tokens
+    wanted = y != IGNORE_INDEX
+    assert 0 < int(wanted.sum()) < int((x != tokenizer.pad_id).sum())
+    full = masked_cross_entropy(model(x, **attention), y)
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    at = masked_cross_entropy(model(x, wanted=wanted, **attention), y[wanted])
+    hook.remove()
+    assert rows_seen == [int(wanted.sum())]
+    torch.testing.assert_close(at, full, atol=1e-6, rtol=0)
+    for got, want in zip(torch.autograd.grad(at, list(model.parameters())), full_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
 
 def test_masked_cross_entropy_matches_hand_computation():
     logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [2.0, 0.0, 0.0]]])

@@ -327,19 +327,26 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         return x if kept is None else kept.pad(x)
 
-    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Logits (B, T, V); keyword arguments as for `hidden_states`."""
+    def forward(
+        self, idx: torch.Tensor, wanted: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Logits (B, T, V); with `wanted`, only those of `logits_at` (N, V), through this
+        method so that DDP sees the call. Keyword arguments as for `hidden_states`."""
+        if wanted is not None:
+            return self.logits_at(idx, wanted, **kwargs)
         return self.lm_head(self.hidden_states(idx, **kwargs))
 
-    def logits_at(self, idx: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    def logits_at(self, idx: torch.Tensor, wanted: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (N, V) at the N positions where wanted (B, T) is True, in row-major order,
-        for token ids idx (B, T): what scoring a completion needs. Past each row's last wanted
-        position (a right-padded row's padding) only attention runs, on zeros (see
-        `hidden_states`' `keep`), and the output layer runs only at the wanted positions (on
-        the world's preference pairs, half the positions are padding and a third are
-        targets: a DPO step took half the time of full logits)."""
+        for token ids idx (B, T): what scoring a completion, or a loss on answers only, needs.
+        Past each row's last wanted position (a right-padded row's padding) only attention
+        runs, on zeros (see `hidden_states`' `keep`), and the output layer runs only at the
+        wanted positions (on the world's preference pairs, half the positions are padding and
+        a third are targets: a DPO step took half the time of full logits). Keyword
+        arguments (`positions`, `mask`) as for `hidden_states`."""
         through = wanted.flip(1).cummax(1).values.flip(1)  # up to each row's last wanted
-        return self.lm_head(Kept.of(wanted).gather(self.hidden_states(idx, keep=through)))
+        states = self.hidden_states(idx, keep=through, **kwargs)
+        return self.lm_head(Kept.of(wanted).gather(states))
 
     def continue_prefixes(
         self,

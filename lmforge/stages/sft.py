@@ -94,7 +94,7 @@ def evaluate_loss(model, batches: SFTBatches, micro: int, d: Dist, amp) -> float
             x, y = x.to(d.device), y.to(d.device)
             with amp():
                 n = int((y != IGNORE_INDEX).sum())
-                total += masked_cross_entropy(_forward(model, x, segments), y).item() * n
+                total += _loss(model, x, y, segments).item() * n
             count += n
     model.train()
     return all_reduce_sum(total, d) / max(all_reduce_sum(count, d), 1)
@@ -137,10 +137,13 @@ def _with_replay(batch: Batch, replay: tuple[torch.Tensor, torch.Tensor]) -> Bat
     return torch.cat([x, rx]), torch.cat([y, ry]), segments
 
 
-def _forward(model, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """Logits; packed rows attend within their own conversation (`segment_attention`)."""
+def _loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """The mean loss over the answer tokens y marks, from logits computed at those tokens only
+    (`Transformer.logits_at`: nothing runs past a row's last answer token, and the output layer
+    not at prompts); packed rows attend within their own conversation (`segment_attention`)."""
     extra = segment_attention(segments.to(x.device)) if segments is not None else {}
-    return model(x, **extra)
+    wanted = y != IGNORE_INDEX
+    return masked_cross_entropy(model(x, wanted=wanted, **extra), y[wanted])
 
 
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft") -> dict:
@@ -311,8 +314,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "sft")
                 last = m == sc.grad_accum_steps - 1
                 sync = train_model.no_sync() if d.world_size > 1 and not last else nullcontext()
                 with sync, amp():
-                    logits = _forward(train_model, x, segments)
-                    loss = masked_cross_entropy(logits, y) * (n * scale)
+                    loss = _loss(train_model, x, y, segments) * (n * scale)
                     loss.backward()
                 loss_sum += loss.item()
                 window_tokens += x.numel()
