@@ -1,7 +1,7 @@
 """lmforge's GRPO step vs TRL's GRPOTrainer, same model, prompts and generation length, in one run.
 
     python benchmarks/bench_rollout.py --model runs/default/sft [--steps 6] [--prompts 4]
-        [--group 8] [--new-tokens 64] [--out FILE.json]
+        [--group 8] [--new-tokens 64] [--bf16] [--out FILE.json]
 
 One GRPO step = sample `group` replies to each of `prompts` prompts at temperature 1 (no
 top-k/top-p), each reply ending at the end token or after `new-tokens` tokens, reward them
@@ -14,8 +14,9 @@ directory and its `lmforge export` twin; prompts are the world's word problems b
 (DIR/../world/rl_train.jsonl). The first step of each is a warm-up and not timed; medians of
 the rest are reported, with the ratio TRL / lmforge (above 1 means lmforge is faster), for
 the whole step and for its rollout alone: sampling, rewards and advantages (TRL's
-`_generate_and_score_completions`; lmforge also keeps each token's log-probability). Needs
-`trl`."""
+`_generate_and_score_completions`; lmforge also keeps each token's log-probability). With
+`--bf16` both sides train in mixed precision: lmforge's linear layers multiply in bf16
+(`grpo.matmul_dtype=bfloat16`), TRL runs with `bf16=True` (autocast). Needs `trl`."""
 
 from __future__ import annotations
 
@@ -50,15 +51,18 @@ def lmforge_step_times(
     optimizer = build_optimizer(policy, gc.lr, 0.0, (0.9, 0.95))
     reward = build_reward(gc, "grpo", model_dir.parent, policy, tokenizer, torch.device("cpu"))
     times, rollout_times, reply_tokens, learned = [], [], [], []
-    for step in range(args.steps):
-        indices = list(range(step * args.prompts, (step + 1) * args.prompts))
-        seeds = reply_seeds(0, step, 0, args.prompts * args.group)
-        start = time.perf_counter()
-        result = grpo_step(policy, None, optimizer, tokenizer, records, indices, reward, gc, seeds)
-        times.append(time.perf_counter() - start)
-        rollout_times.append(result.rollout_seconds)
-        reply_tokens.append(statistics.mean(len(r.tokens) for r in result.rollouts))
-        learned.append(1 - result.skipped_groups / args.prompts)
+    with policy.matmuls_in(torch.bfloat16 if args.bf16 else None):
+        for step in range(args.steps):
+            indices = list(range(step * args.prompts, (step + 1) * args.prompts))
+            seeds = reply_seeds(0, step, 0, args.prompts * args.group)
+            start = time.perf_counter()
+            result = grpo_step(
+                policy, None, optimizer, tokenizer, records, indices, reward, gc, seeds
+            )
+            times.append(time.perf_counter() - start)
+            rollout_times.append(result.rollout_seconds)
+            reply_tokens.append(statistics.mean(len(r.tokens) for r in result.rollouts))
+            learned.append(1 - result.skipped_groups / args.prompts)
     return times[1:], rollout_times[1:], reply_tokens[1:], learned[1:]
 
 
@@ -105,6 +109,7 @@ def trl_step_times(
             beta=0.0,
             num_iterations=1,
             use_cpu=True,
+            bf16=args.bf16,
             report_to="none",
             save_strategy="no",
             logging_steps=1,
@@ -142,6 +147,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--bf16", action="store_true", help="both sides in mixed precision")
     parser.add_argument("--out", default=None, help="also write the figures as JSON")
     args = parser.parse_args()
     prompts_file = args.model.parent / "world" / "rl_train.jsonl"
@@ -158,6 +164,7 @@ def main() -> None:
     tokens, trl_tokens = (args.prompts * args.group * n for n in (length, trl_length))
     results = {
         "threads": torch.get_num_threads(),
+        "precision": "bf16" if args.bf16 else "float32",
         "samples_per_step": args.prompts * args.group,
         "new_tokens": args.new_tokens,
         "groups_learned_from_lmforge": round(statistics.mean(learned), 3),

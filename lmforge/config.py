@@ -398,6 +398,10 @@ class OnlineRL(Optimisation):
     min_lr_ratio: float = Field(1.0, ge=0.0, le=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, le=4096)
+    # the linear layers' products while training, sampling included (`Transformer.matmuls_in`):
+    # bfloat16 rounds inputs and weights and keeps everything else float32; auto: bf16 on
+    # CUDA, float32 on CPU (where bf16 is fast only with bf16 instructions: AVX512-BF16, AMX)
+    matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class GRPOConfig(OnlineRL):

@@ -13,6 +13,7 @@ each step) and `checkpoint_step` (`train_utils.start_log` resumes from its check
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
     all_reduce_sum,
+    autocast_dtype,
+    console,
     gather_ints,
     lr_at,
     save_checkpoint,
@@ -298,6 +301,33 @@ def checkpoint_step(
     due = step % section.checkpoint_every == 0 or step == section.steps or out_of_time
     if d.is_main and due:
         save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 instructions (Linux's flags); None where it cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def training_matmuls(section: OnlineRL, device: torch.device, *models: Transformer | None):
+    """The models' linear layers multiply in `section.matmul_dtype` within this block (the
+    training loop: sampling and updates; the held-out evaluations before and after stay
+    float32, so that they measure the weights alone)."""
+    dtype = autocast_dtype(section.matmul_dtype, device)
+    if dtype is not None and device.type == "cpu" and cpu_has_bf16() is False:
+        console.print(
+            "note: matmul_dtype=bfloat16 on a CPU without bf16 instructions (AVX512-BF16, "
+            "AMX): the products are emulated, likely slower than float32"
+        )
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(model.matmuls_in(dtype))
+        yield
 
 
 def rl_steps(

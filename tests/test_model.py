@@ -138,6 +138,36 @@ def test_logits_at_are_the_full_logits_at_the_wanted_positions_only(make_model):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
+def test_matmuls_in_bf16_round_the_products_only_and_leave_float32_after(make_model):
+    """`matmuls_in(bf16)`: each linear layer's product is the product of the bf16-rounded
+    input and weight, returned in float32, in training (gradients reach the float32
+    weights) and in the inference layout (bf16 weight copies); outside the block the model
+    is float32 to the last bit again."""
+    model = make_model(seed=3, init_std=0.2)
+    torch.manual_seed(2)
+    x = torch.randint(5, 300, (2, 9))
+    exact = model(x)
+    layer = model.model.layers[0].mlp.up_proj
+    inputs = []
+    hook = layer.register_forward_hook(lambda m, args, out: inputs.append((args[0], out)))
+    with model.matmuls_in(torch.bfloat16):
+        rounded = model(x)
+        rounded.square().sum().backward()
+        with torch.no_grad(), model.inference_layout():
+            assert layer.weight_t.dtype == torch.bfloat16
+            laid_out = model(x)
+    hook.remove()
+    for h, out in inputs:
+        want = torch.nn.functional.linear(h.bfloat16(), layer.weight.bfloat16()).float()
+        assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    difference = (rounded - exact).abs().max().item()
+    assert 1e-4 < difference < 0.05 * exact.abs().max().item()  # bf16, and close
+    torch.testing.assert_close(laid_out, rounded, atol=0.02, rtol=0.02)
+    assert torch.equal(model(x), exact)
+    assert all(m.matmul_dtype is None for m in model.modules() if hasattr(m, "matmul_dtype"))
+
+
 @pytest.mark.parametrize("only_real", [False, True])
 def test_shared_prefixes_give_each_row_its_own_states_and_gradients(make_model, only_real):
     """Two prompts of different lengths (one left-padded), three continuations each of

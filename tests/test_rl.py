@@ -296,6 +296,29 @@ def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs
     assert now[mask].tolist() == pytest.approx(batch.old[mask].tolist(), abs=1e-4)
 
 
+def test_bf16_products_sample_and_score_replies_alike(make_model):
+    """Under `matmuls_in(bf16)` the recorded log-probs (sampling, bf16 weight copies) and
+    the update's (bf16 products with gradients) agree as closely as bf16 allows, so the
+    update's ratio starts at 1; both differ from the float32 model's."""
+    model = make_model(vocab_size=50, max_seq_len=64, init_std=0.2)
+    prompts = [[3, 4, 5], [3, 4, 5], [7, 8]]
+    with model.matmuls_in(torch.bfloat16):
+        rows = sample_completions(model, prompts, 6, seed=3, with_logprobs=True)
+        rollouts = [
+            Rollout(i, p, c.tokens, c.logprobs, "", False)
+            for i, (p, c) in enumerate(zip(prompts, rows))
+        ]
+        batch = reply_batch(rollouts, pad_id=0)
+        mask = batch.targets != IGNORE_INDEX
+        with torch.no_grad():
+            rounded, _ = reply_logprobs(model, batch)
+    with torch.no_grad():
+        exact, _ = reply_logprobs(model, batch)
+    assert (rounded[mask] - batch.old[mask]).abs().max() < 0.03
+    assert 1e-4 < (rounded[mask] - exact[mask]).abs().max() < 0.1
+    assert 1e-4 < (batch.old[mask] - exact[mask]).abs().max() < 0.1  # sampled in bf16 too
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, sign):
     model = make_model(vocab_size=50, max_seq_len=64)
@@ -456,6 +479,34 @@ def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeyp
     assert s["prompts_too_long"] == 0
     records = [json.loads(x) for x in (tiny_run / "grpo_budget" / "metrics.jsonl").open()]
     assert all(0 < r["reply_tokens"] <= 6 for r in records)
+
+
+def test_grpo_trains_with_bf16_products_and_evaluates_in_float32(tiny_run, monkeypatch):
+    """`grpo.matmul_dtype=bfloat16`: every training step (sampling and update) multiplies in
+    bf16; the held-out evaluations before and after, in float32."""
+    seen = {"step": set(), "eval": set()}
+
+    def dtypes(model: Transformer) -> set:
+        return {m.matmul_dtype for m in model.modules() if hasattr(m, "matmul_dtype")}
+
+    step, evaluate = grpo.grpo_step, grpo.held_out_accuracy
+
+    def spy_step(policy, *args, **kwargs):
+        seen["step"] |= dtypes(policy)
+        return step(policy, *args, **kwargs)
+
+    def spy_eval(policy, *args, **kwargs):
+        seen["eval"] |= dtypes(policy)
+        return evaluate(policy, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_step", spy_step)
+    monkeypatch.setattr(grpo, "held_out_accuracy", spy_eval)
+    overrides = ["grpo.steps=2", "grpo.matmul_dtype=bfloat16", "grpo.eval_prompts=4"]
+    overrides += [f"grpo.model={tiny_run / 'sft'}"]
+    s = grpo.run(load_config(Path(TINY), overrides), tiny_run, stage="grpo_bf16")
+    assert s["steps"] == 2 and seen == {"step": {torch.bfloat16}, "eval": {None}}
+    trained = load_tensors(tiny_run / "grpo_bf16" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in trained.values())
 
 
 def test_gae_by_hand():

@@ -45,19 +45,30 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can multiply by a transposed, contiguous copy of its weight.
+    """nn.Linear that can multiply by a transposed, contiguous copy of its weight, and in
+    another dtype than its parameters'.
 
     Decoding multiplies one row per sequence by every weight; on CPUs, MKL's product with
     the (out, in) weight of nn.Linear runs ~1.6x slower than `x @ weight_t` with weight_t
     stored (in, out). `Transformer.inference_layout()` makes those copies for the length of
-    a `generate` call; parameters, gradients and the state dict are untouched."""
+    a `generate` call; parameters, gradients and the state dict are untouched.
+
+    With `matmul_dtype` (`Transformer.matmuls_in`), input and weight are rounded to it for
+    the product and the result returned in the input's dtype: bf16 products with float32
+    everything else, which on a CPU with bf16 instructions runs the update of online RL
+    1.36x and its sampling 1.2x faster, where autocast's bf16 activations made sampling
+    slower."""
 
     weight_t: torch.Tensor | None = None
+    matmul_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is None:
+        if self.weight_t is not None:
+            y = (x.to(self.weight_t.dtype) @ self.weight_t).to(x.dtype)
+        elif self.matmul_dtype is not None:
+            y = F.linear(x.to(self.matmul_dtype), self.weight.to(self.matmul_dtype)).to(x.dtype)
+        else:
             return F.linear(x, self.weight, self.bias)
-        y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
 
 
@@ -384,16 +395,31 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def inference_layout(self) -> Iterator[None]:
-        """Within this block, linear layers on CPU use transposed weight copies (see Linear)."""
+        """Within this block, linear layers on CPU use transposed weight copies (see Linear),
+        in their `matmul_dtype` if they have one."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         use = next(self.parameters()).device.type == "cpu"
         for m in linears:
-            m.weight_t = m.weight.detach().t().contiguous() if use else None
+            if use:
+                m.weight_t = m.weight.detach().t().contiguous().to(m.matmul_dtype or m.weight.dtype)
         try:
             yield
         finally:
             for m in linears:
                 m.weight_t = None
+
+    @contextlib.contextmanager
+    def matmuls_in(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Within this block, linear layers multiply in `dtype` (None: their own; see Linear):
+        forward, backward and sampling. Parameters, gradients and optimiser stay float32."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.matmul_dtype = dtype
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.matmul_dtype = None
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once

@@ -66,6 +66,7 @@ from lmforge.rollout import (
     reply_seeds,
     rl_steps,
     rollout,
+    training_matmuls,
     update_passes,
 )
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
@@ -296,7 +297,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     generated = 0
     start = time.perf_counter()
     elapsed_before = state.get("elapsed_seconds", 0.0)
-    with TrainingProgress(gc.steps, "grpo", enabled=d.is_main) as progress:
+    with (
+        TrainingProgress(gc.steps, "grpo", enabled=d.is_main) as progress,
+        training_matmuls(gc, d.device, policy, reference),
+    ):
         for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before, d):
             indices = next(batches)[mine]
             first_row = mine.start * gc.group_size

@@ -79,6 +79,7 @@ from lmforge.rollout import (
     reply_seeds,
     rl_steps,
     rollout,
+    training_matmuls,
     update_passes,
 )
 from lmforge.runs import Timer, find_input, find_model_dir, stage_dir, write_summary
@@ -385,7 +386,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     elapsed_before = state.get("elapsed_seconds", 0.0)
     start, generated = time.perf_counter(), 0
     mine = my_prompts(pc.prompts_per_step, d)
-    with TrainingProgress(pc.steps, "ppo", enabled=d.is_main) as progress:
+    with (
+        TrainingProgress(pc.steps, "ppo", enabled=d.is_main) as progress,
+        training_matmuls(pc, d.device, policy, reference),
+    ):
         for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before, d):
             tracked = {}
             if probes and d.is_main and (step - 1) % pc.eval_every == 0:
