@@ -165,6 +165,7 @@ def decode_steps(
     seed: int | Sequence[int] | None = None,
     use_cache: bool = True,
     with_logprobs: bool = False,
+    abandoned: torch.Tensor | None = None,
 ) -> Iterator[Step]:
     """Continue each prompt one token per step, yielding every step as it is decoded (for
     streaming); a row finishes at its first stop token or when its own budget is spent
@@ -181,6 +182,9 @@ def decode_steps(
     of a torchrun job gets the same numbers, so the same replies up to floating-point
     differences in the logits of batches of other shapes).
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
+    `abandoned`: (B,) bool that the caller may set while a step is yielded, for rows it no
+    longer wants (a reply cut by a stop text, a client gone): they are finished from the next
+    step on, and leave the batch like the others.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -240,6 +244,8 @@ def decode_steps(
                 logprobs = scaled.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
             done = done | torch.isin(nxt, stop) | (last_step <= t)
             yield _whole_batch(Step(t, nxt, logprobs, done), live, B, pad_id)
+            if abandoned is not None:
+                done = done | abandoned.to(device)[live]
             n_done = int(done.sum())
             if n_done == len(live):
                 break

@@ -223,6 +223,35 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model):
     assert last[1] < 0 and last[:1] + last[2:] == [0.0] * 7
 
 
+def test_abandoned_rows_leave_the_batch_and_the_others_decode_on_unchanged(model):
+    """Rows the caller gives up on while a step is yielded (`abandoned`: a stop text, a client
+    gone) are finished from the next step on and leave the batch; the others draw the tokens
+    they draw without it."""
+    prompts, seeds = PROMPTS, [31, 32, 33, 34]
+    whole = sample_completions(model, prompts, 10, seed=seeds, pad_id=3)
+    rows_per_call = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
+    abandoned = torch.zeros(4, dtype=torch.bool)
+    steps = []
+    try:
+        for step in decode_steps(model, prompts, 10, seed=seeds, pad_id=3, abandoned=abandoned):
+            steps.append(step)
+            if step.index == 2:
+                abandoned[[0, 2]] = True
+    finally:
+        hook.remove()
+    assert len(steps) == 10
+    # the prefill (step 0) and steps 1 and 2 of all 4 rows (rows 0 and 2 are given up while
+    # step 2 is yielded), then steps 3-9 of the two others alone
+    assert rows_per_call == [4, 4, 4] + [2] * 7
+    for i in (1, 3):
+        assert [int(s.tokens[i]) for s in steps] == whole[i].tokens
+    for i in (0, 2):
+        assert [int(s.tokens[i]) for s in steps[:3]] == whole[i].tokens[:3]
+        assert [int(s.tokens[i]) for s in steps[3:]] == [3] * 7
+        assert [bool(s.done[i]) for s in steps] == [False] * 3 + [True] * 7
+
+
 def test_too_long_request_raises(model):
     # max_seq_len is 64: the longest prompt (7) + 57 fits exactly, + 58 does not
     assert len(generate(model, PROMPTS, 57, temperature=0.0)[1]) == 57

@@ -127,6 +127,46 @@ def test_engine_stop_text_cuts_the_answer(served_model):
     engine.close()
 
 
+def test_a_cancelled_request_leaves_the_batch_and_the_other_decodes_on(served_model):
+    """A request whose client hangs up mid-batch stops costing compute: its row leaves the
+    batch at the next step, and the other request's answer is what it is alone."""
+    model, tok = load_model_dir(served_model)
+    engine = Engine(model, tok, max_batch=8)
+    engine.close()  # _decode is called here, on this thread
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("The capital", "A river")]
+    events: dict[int, list] = {0: [], 1: []}
+
+    def emit(i: int, request_box: list):
+        def record(event):
+            events[i].append(event)
+            if i == 0 and len(events[0]) == 2:  # the first client hangs up after two deltas
+                request_box[0].cancelled.set()
+
+        return record
+
+    requests = []
+    for i, prompt in enumerate(prompts):
+        box: list = []
+        box.append(Request(prompt, 1, 16, Sampling(temperature=0.0), emit(i, box)))
+        requests.append(box[0])
+    rows_per_call = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
+    try:
+        engine._decode(requests)
+    finally:
+        hook.remove()
+    alone = generate(model, [prompts[1]], 16, temperature=0.0, stop_ids=engine.stop_ids)[0]
+    (end,) = [e for e in events[1] if e.finish_reason]
+    assert end.text == tok.decode(alone, skip_special=True)
+    assert not any(e.finish_reason for e in events[0]) and len(events[0]) == 2
+    # both rows until the step in which the first client hung up, then the other alone, to
+    # its end (its stop token, or its 16th token)
+    both = rows_per_call.count(2)
+    assert 2 <= both < len(rows_per_call) - 4
+    assert rows_per_call == [2] * both + [1] * (len(rows_per_call) - both)
+    assert len(rows_per_call) == min(len(alone) + 1, 16)
+
+
 # ---- the web app's API ------------------------------------------------------------------------
 def test_respond_streams_answers_and_stores_them(server):
     messages = [{"role": "user", "content": "<b>bold</b> & <script>alert(1)</script>"}]

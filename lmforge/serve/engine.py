@@ -7,8 +7,9 @@ cost one forward pass per token instead of N. Each row's text is streamed back a
 Requests that arrive while a batch is decoding join the next one (static batching: simpler
 than continuous batching, and enough for a feedback app whose answers are short). A request
 whose longest prompt and budget would overflow the context with the batch's waits for the next.
-A cancelled request (its client hung up) stops streaming at once; its rows are decoded on
-until the rest of the batch ends, and a batch with no live request left stops.
+A cancelled request (its client hung up) stops streaming at once, and its rows, like rows cut
+by a stop text, leave the batch (`decode_steps`' `abandoned`); a batch with no live request
+left stops.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from lmforge.generate import decode_steps
 from lmforge.model import Transformer
@@ -167,6 +170,7 @@ class Engine:
         prompts = [r.prompt for r in batch for _ in range(r.n)]
         budgets = [r.max_tokens for r in batch for _ in range(r.n)]
         s = batch[0].sampling
+        abandoned = torch.zeros(len(rows), dtype=torch.bool)  # rows no one waits for any more
         self.batches += 1
         self.rows += len(rows)
         steps = decode_steps(
@@ -179,16 +183,19 @@ class Engine:
             stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_id,
             seed=s.seed,
+            abandoned=abandoned,
         )
         for step in steps:
             tokens, done = step.tokens.tolist(), step.done.tolist()
-            for row, token, finished in zip(rows, tokens, done):
-                if row.finished:
+            for i, (row, token, finished) in enumerate(zip(rows, tokens, done)):
+                abandoned[i] = row.finished or row.request.cancelled.is_set()
+                if abandoned[i]:
                     continue
                 if token in self.stop_ids:
                     row.grow(self.tokenizer, None, "stop")
                 else:
                     row.grow(self.tokenizer, token, "length" if finished else None)
-            if all(row.finished or row.request.cancelled.is_set() for row in rows):
+                abandoned[i] = row.finished or row.request.cancelled.is_set()
+            if bool(abandoned.all()):
                 steps.close()
                 break
