@@ -184,7 +184,7 @@ def decode_steps(
     use_cache=False recomputes the whole sequence at every step (for testing the cache).
     `abandoned`: (B,) bool that the caller may set while a step is yielded, for rows it no
     longer wants (a reply cut by a stop text, a client gone): they are finished from the next
-    step on, and leave the batch like the others.
+    step on, and leave the batch as finished rows do (once a quarter of the rows are).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -194,6 +194,10 @@ def decode_steps(
     device = next(model.parameters()).device
     ids, valid = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
+    if abandoned is not None and (abandoned.shape != (B,) or abandoned.dtype != torch.bool):
+        raise ValueError(
+            f"generate: abandoned must be ({B},) bool, not {abandoned.dtype} {tuple(abandoned.shape)}"
+        )
     steps = max(budgets)
     generator, uniforms = None, None  # uniforms (B, steps): per-row seeds' numbers
     if isinstance(seed, int):

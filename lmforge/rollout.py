@@ -304,21 +304,23 @@ def checkpoint_step(
 
 
 def cpu_has_bf16() -> bool | None:
-    """Whether this CPU has bf16 instructions (Linux's flags); None where it cannot tell."""
+    """Whether this CPU has bf16 instructions (Linux's flags: x86's AVX512-BF16 or AMX,
+    Arm's BF16); None where it cannot tell."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @contextlib.contextmanager
-def training_matmuls(section: OnlineRL, device: torch.device, *models: Transformer | None):
+def training_matmuls(section: OnlineRL, d: Dist, *models: Transformer | None):
     """The models' linear layers multiply in `section.matmul_dtype` within this block (the
-    training loop: sampling and updates; the held-out evaluations before and after stay
-    float32, so that they measure the weights alone)."""
-    dtype = autocast_dtype(section.matmul_dtype, device)
-    if dtype is not None and device.type == "cpu" and cpu_has_bf16() is False:
+    training loop: sampling, rewards the policy judges itself, updates; the held-out
+    evaluations before and after, and PPO's probes, stay float32, so that they measure the
+    weights alone)."""
+    dtype = autocast_dtype(section.matmul_dtype, d.device)
+    if dtype is not None and d.device.type == "cpu" and cpu_has_bf16() is False and d.is_main:
         console.print(
             "note: matmul_dtype=bfloat16 on a CPU without bf16 instructions (AVX512-BF16, "
             "AMX): the products are emulated, likely slower than float32"

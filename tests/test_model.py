@@ -140,26 +140,37 @@ def test_logits_at_are_the_full_logits_at_the_wanted_positions_only(make_model):
 
 def test_matmuls_in_bf16_round_the_products_only_and_leave_float32_after(make_model):
     """`matmuls_in(bf16)`: each linear layer's product is the product of the bf16-rounded
-    input and weight, returned in float32, in training (gradients reach the float32
-    weights) and in the inference layout (bf16 weight copies); outside the block the model
-    is float32 to the last bit again."""
-    model = make_model(seed=3, init_std=0.2)
+    input and weight, returned in float32 (with a float32 bias added), in training
+    (gradients reach the float32 weights) and in the inference layout (bf16 weight copies);
+    a nested block restores the outer one's dtype, and after the block the model is float32
+    to the last bit again."""
+    model = make_model(seed=3, init_std=0.2, qkv_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.3)
     torch.manual_seed(2)
     x = torch.randint(5, 300, (2, 9))
     exact = model(x)
-    layer = model.model.layers[0].mlp.up_proj
-    inputs = []
-    hook = layer.register_forward_hook(lambda m, args, out: inputs.append((args[0], out)))
+    layer = model.model.layers[0].self_attn.q_proj  # one with a bias
+    calls = []
+    hook = layer.register_forward_hook(lambda m, args, out: calls.append((args[0], out)))
     with model.matmuls_in(torch.bfloat16):
         rounded = model(x)
         rounded.square().sum().backward()
+        with model.matmuls_in(None):
+            assert torch.equal(model(x), exact)
         with torch.no_grad(), model.inference_layout():
             assert layer.weight_t.dtype == torch.bfloat16
             laid_out = model(x)
     hook.remove()
-    for h, out in inputs:
-        want = torch.nn.functional.linear(h.bfloat16(), layer.weight.bfloat16()).float()
-        assert out.dtype == torch.float32 and torch.equal(out, want)
+    product = torch.nn.functional.linear(calls[0][0].bfloat16(), layer.weight.bfloat16())
+    want = product.float() + layer.bias
+    assert calls[0][1].dtype == torch.float32 and torch.equal(calls[0][1], want)
+    # the layout's bf16 product may take another kernel: equal up to bf16 rounding
+    h, out = calls[2]
+    layout = torch.nn.functional.linear(h.bfloat16(), layer.weight.bfloat16()).float()
+    torch.testing.assert_close(out, layout + layer.bias, atol=0.02, rtol=0.01)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     difference = (rounded - exact).abs().max().item()
     assert 1e-4 < difference < 0.05 * exact.abs().max().item()  # bf16, and close

@@ -298,8 +298,8 @@ def test_reply_batch_computes_each_prompt_once_and_matches_the_recorded_logprobs
 
 def test_bf16_products_sample_and_score_replies_alike(make_model):
     """Under `matmuls_in(bf16)` the recorded log-probs (sampling, bf16 weight copies) and
-    the update's (bf16 products with gradients) agree as closely as bf16 allows, so the
-    update's ratio starts at 1; both differ from the float32 model's."""
+    the update's (bf16 products of the weights themselves) agree as closely as bf16 allows,
+    so the update's ratio starts at 1; both differ from the float32 model's."""
     model = make_model(vocab_size=50, max_seq_len=64, init_std=0.2)
     prompts = [[3, 4, 5], [3, 4, 5], [7, 8]]
     with model.matmuls_in(torch.bfloat16):

@@ -8,8 +8,8 @@ Requests that arrive while a batch is decoding join the next one (static batchin
 than continuous batching, and enough for a feedback app whose answers are short). A request
 whose longest prompt and budget would overflow the context with the batch's waits for the next.
 A cancelled request (its client hung up) stops streaming at once, and its rows, like rows cut
-by a stop text, leave the batch (`decode_steps`' `abandoned`); a batch with no live request
-left stops.
+by a stop text, leave the batch as finished rows do (`decode_steps`' `abandoned`); a batch
+with no live request left stops.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class _Row:
         self.tokens: list[int] = []
         self.sent = ""
         self.finished = False
+
+    def gone(self) -> bool:
+        """Ended, or its client hung up: nothing more to decode or send."""
+        return self.finished or self.request.cancelled.is_set()
 
     def grow(self, tokenizer: Tokenizer, token: int | None, end_reason: str | None) -> None:
         if token is not None:
@@ -188,14 +192,12 @@ class Engine:
         for step in steps:
             tokens, done = step.tokens.tolist(), step.done.tolist()
             for i, (row, token, finished) in enumerate(zip(rows, tokens, done)):
-                abandoned[i] = row.finished or row.request.cancelled.is_set()
-                if abandoned[i]:
-                    continue
-                if token in self.stop_ids:
-                    row.grow(self.tokenizer, None, "stop")
-                else:
-                    row.grow(self.tokenizer, token, "length" if finished else None)
-                abandoned[i] = row.finished or row.request.cancelled.is_set()
+                if not row.gone():
+                    if token in self.stop_ids:
+                        row.grow(self.tokenizer, None, "stop")
+                    else:
+                        row.grow(self.tokenizer, token, "length" if finished else None)
+                abandoned[i] = row.gone()
             if bool(abandoned.all()):
                 steps.close()
                 break

@@ -299,7 +299,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     elapsed_before = state.get("elapsed_seconds", 0.0)
     with (
         TrainingProgress(gc.steps, "grpo", enabled=d.is_main) as progress,
-        training_matmuls(gc, d.device, policy, reference),
+        training_matmuls(gc, d, policy, reference),
     ):
         for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before, d):
             indices = next(batches)[mine]

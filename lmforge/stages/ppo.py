@@ -388,12 +388,13 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "ppo")
     mine = my_prompts(pc.prompts_per_step, d)
     with (
         TrainingProgress(pc.steps, "ppo", enabled=d.is_main) as progress,
-        training_matmuls(pc, d.device, policy, reference),
+        training_matmuls(pc, d, policy, reference),
     ):
         for step, lr in rl_steps(pc, optimizer, state["step"], elapsed_before, d):
             tracked = {}
             if probes and d.is_main and (step - 1) % pc.eval_every == 0:
-                tracked = track()
+                with policy.matmuls_in(None), reference.matmuls_in(None):  # float32 figures
+                    tracked = track()
             t0 = time.perf_counter()
             indices = next(batches)[mine]
             rolls = rollout(
