@@ -63,7 +63,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None:
-            y = (x.to(self.weight_t.dtype) @ self.weight_t).to(x.dtype)
+            w = self.weight_t  # decoding's hot path: no cast where the dtypes agree
+            y = x @ w if x.dtype == w.dtype else (x.to(w.dtype) @ w).to(x.dtype)
         elif self.matmul_dtype is not None:
             y = F.linear(x.to(self.matmul_dtype), self.weight.to(self.matmul_dtype)).to(x.dtype)
         else:
