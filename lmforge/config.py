@@ -414,6 +414,10 @@ class GRPOConfig(OnlineRL):
     loss_level: Literal["token", "sequence", "constant"] = "token"
     group_size: int = Field(8, ge=2, le=4096)  # G samples per prompt
     kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
+    # > 0: the stage's model is the policy's weights averaged over the steps, each step's
+    # counted with decay ** (its age in steps) (`train_utils.WeightAverage`); 0: the last ones.
+    # A checkpoint resumes only a run with the same value
+    average_decay: float = Field(0.0, ge=0.0, lt=1.0)
     # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
     lr: float = Field(3e-5, gt=0.0, le=1.0)
     # per held-out reply; None: max_new_tokens. Rollouts cut shorter than SFT's evaluation

@@ -288,11 +288,12 @@ def checkpoint_step(
     section: OnlineRL,
     state: dict[str, Any],
     d: Dist | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """After every `section.checkpoint_every`-th step and the last (by count, or because
     state["elapsed_seconds"] has passed `section.time_limit`: under torchrun, on any rank's
-    clock, as `rl_steps` stops), a checkpoint holding `state` (for `start_log(resume=True)`),
-    written by the main process."""
+    clock, as `rl_steps` stops), a checkpoint holding `state` (for `start_log(resume=True)`)
+    and `extra`'s tensor sets, written by the main process."""
     d = d or Dist()
     out_of_time = False
     if section.time_limit:
@@ -300,7 +301,9 @@ def checkpoint_step(
         out_of_time = all_reduce_sum(float(late), d) > 0
     due = step % section.checkpoint_every == 0 or step == section.steps or out_of_time
     if d.is_main and due:
-        save_checkpoint(out / "checkpoints", step, model, optimizer, state, section.keep_last)
+        save_checkpoint(
+            out / "checkpoints", step, model, optimizer, state, section.keep_last, extra
+        )
 
 
 def cpu_has_bf16() -> bool | None:

@@ -18,6 +18,7 @@ from lmforge.io import (
     sha256_file,
 )
 from lmforge.train_utils import (
+    WeightAverage,
     build_optimizer,
     list_checkpoints,
     load_checkpoint,
@@ -125,6 +126,43 @@ def test_load_without_optimizer_restores_model(saved, make_model):
     load_checkpoint(path, fresh, None)
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k])
+
+
+def test_weight_average_follows_its_formula_and_resumes_from_a_checkpoint(make_model, tmp_path):
+    model, opt = _setup(make_model)  # tied embeddings: the shared weight is averaged once
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.75)
+    assert "lm_head.weight" not in average.tensors
+    _train_steps(model, opt, 1)
+    average.update()
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_steps(model, opt, 1, seed=1)
+    average.update()
+    for name, tensor in average.tensors.items():
+        # 0.75^2 of the start, 0.25 * 0.75 of step 1's weights, 0.25 of step 2's
+        want = 0.5625 * start[name] + 0.1875 * after_one[name] + 0.25 * model.state_dict()[name]
+        assert torch.allclose(tensor, want, atol=1e-6), name
+        assert not torch.allclose(tensor, model.state_dict()[name]), name
+    path = save_checkpoint(tmp_path / "ckpt", 2, model, opt, {}, 2, {"average": average.tensors})
+    state = json.loads((path / "state.json").read_text())
+    assert state["sha256"]["average.safetensors"] == sha256_file(path / "average.safetensors")
+    fresh, fresh_opt = _setup(make_model, seed=3)
+    restored = WeightAverage(fresh, decay=0.75)
+    load_checkpoint(path, fresh, fresh_opt, {"average": restored.tensors})
+    for name, tensor in average.tensors.items():
+        assert torch.equal(restored.tensors[name], tensor), name
+    restored.copy_to_model()
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, average.tensors[name]), name
+    assert torch.equal(fresh.lm_head.weight, average.tensors["model.embed_tokens.weight"])
+    # an average of another model's shapes does not fit, and says where it comes from
+    wider = WeightAverage(make_model(dim=64), decay=0.75)
+    with pytest.raises(CheckpointError, match=r"step_00000002/average.safetensors: holds other"):
+        load_checkpoint(path, fresh, None, {"average": wider.tensors})
+    # a run that keeps an average cannot resume from a checkpoint written without one
+    plain = save_checkpoint(tmp_path / "plain", 2, model, opt, {}, 2)
+    with pytest.raises(CheckpointError, match=r"plain/step_00000002/average.safetensors"):
+        load_checkpoint(plain, fresh, None, {"average": restored.tensors})
 
 
 def test_keep_last_removes_older_checkpoints(make_model, tmp_path):

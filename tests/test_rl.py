@@ -679,7 +679,8 @@ def _timeless(metrics: Path) -> list[dict]:
 # the figures a resumed run must reproduce, and a batch setting it must refuse to change
 RESUMABLE = {
     "grpo": (
-        ["arith_accuracy", "steps", "samples", "skipped_groups", "sample_accuracy_last"],
+        ["arith_accuracy", "arith_accuracy_last_weights", "steps", "samples", "skipped_groups"]
+        + ["sample_accuracy_last"],
         "group_size",
     ),
     "ppo": (["gold_score", "steps", "updates", "beta_final", "score_last"], "prompts_per_step"),
@@ -694,10 +695,18 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
         (out / earlier).symlink_to(tiny_run / earlier)
     args = [stage, "--config", TINY, "--out", out, f"{stage}.steps=4"]
     args += [f"{stage}.checkpoint_every=2", "ppo.kl_target=1.0", "ppo.ptx_coef=0.5"]
+    args += ["grpo.average_decay=0.5"]  # GRPO's model is its weights' average, resumed too
     assert lmforge(*args).returncode == 0
     whole = _timeless(out / stage / "metrics.jsonl")
     summary = json.loads((out / stage / "summary.json").read_text())
     weights = load_tensors(out / stage / "model.safetensors")
+    if stage == "grpo":  # its model is the average of its weights, not the last of them
+        last = out / stage / "checkpoints" / "step_00000004"
+        average = load_tensors(last / "average.safetensors")
+        for name, tensor in average.items():
+            assert torch.equal(weights[name], tensor), name
+        final = load_tensors(last / "model.safetensors")
+        assert any(not torch.equal(final[name], tensor) for name, tensor in average.items())
     # as if killed after the checkpoint of step 2: that checkpoint is the newest
     shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
     proc = lmforge(*args, "--resume")
@@ -717,6 +726,9 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
     shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
     proc = lmforge(*args, "--resume", f"{stage}.{batch_key}=2")
     assert proc.returncode == 2 and f"{batch_key} 2" in proc.stderr, proc.stderr
+    if stage == "grpo":  # and so would another average, or none
+        proc = lmforge(*args, "--resume", "grpo.average_decay=0")
+        assert proc.returncode == 2 and "average_decay 0.5" in proc.stderr, proc.stderr
     # so would another starting model (the SFT model trained again, say)
     (out / "sft").unlink()
     (out / "sft").symlink_to(tiny_run / "pretrain")

@@ -22,8 +22,13 @@ Every `checkpoint_every` steps the policy, the optimiser and the elapsed trainin
 checkpointed (DIR/<stage>/checkpoints/); `resume=True` continues from the newest one exactly,
 since a step's prompts and samples are functions of (seed, step).
 
+With `average_decay` > 0 the stage's model is a moving average of the policy's weights over
+the steps (`train_utils.WeightAverage`, checkpointed with it): the policy samples and learns
+as ever, and the average is what is evaluated after and written out.
+
 Figures: greedy accuracy on held-out problems before and after (`arith_accuracy_before`,
-`arith_accuracy`: world/sft_eval_arithmetic.jsonl, none of which is trained on), and per
+`arith_accuracy`: world/sft_eval_arithmetic.jsonl, none of which is trained on; with an
+average, also the last weights' `arith_accuracy_last_weights`), and per
 step in metrics.jsonl: reward, accuracy of the samples, skipped groups, clip fraction,
 KL, entropy, reply length, truncations, rollout and training seconds.
 """
@@ -74,6 +79,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train_utils import (
     Dist,
     TrainingProgress,
+    WeightAverage,
     all_reduce_sum,
     all_reduce_sums,
     build_optimizer,
@@ -275,11 +281,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         )
 
     optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
+    average = WeightAverage(policy, gc.average_decay) if gc.average_decay else None
+    kept = {"average": average.tensors} if average is not None else None  # checkpointed too
     # a checkpoint resumes only the run it came from: same batch shape, same starting model
     expect = {
         "prompts_per_step": gc.prompts_per_step,
         "group_size": gc.group_size,
         "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
+        "average_decay": gc.average_decay,
     }
     log, batches, state = start_log(
         out,
@@ -292,6 +301,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         resume,
         "grpo",
         d.is_main,
+        kept,
     )
     mine = my_prompts(gc.prompts_per_step, d)
     generated = 0
@@ -308,6 +318,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             result = grpo_step(
                 policy, reference, optimizer, tokenizer, records, indices, reward, gc, seeds, d
             )
+            if average is not None:
+                average.update()
             rolls = result.rollouts
             totals = [
                 result.rewards.sum().item(),
@@ -334,11 +346,17 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             log.write(**record)
             elapsed = elapsed_before + time.perf_counter() - start
             saved = {**expect, "elapsed_seconds": round(elapsed, 3)}
-            checkpoint_step(out, step, policy, optimizer, gc, saved, d)
+            checkpoint_step(out, step, policy, optimizer, gc, saved, d, kept)
             generated += tokens
             tok_s = generated / (time.perf_counter() - start)  # sampled tokens
             progress.update(step, loss=record["loss"], tok_s=tok_s)
 
+    last_weights = {}
+    if average is not None:
+        last_weights["arith_accuracy_last_weights"] = held_out_accuracy(
+            policy, tokenizer, held, eval_tokens, d
+        )
+        average.copy_to_model()
     if d.is_main:
         finish_training(out, policy, tokenizer, log, "grpo")
     after = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
@@ -350,6 +368,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     summary = {
         "arith_accuracy": after,
         "arith_accuracy_before": before,
+        **last_weights,
         "eval_prompts": len(held),
         "eval_data": str(eval_path),
         "base_model": str(base_dir),
