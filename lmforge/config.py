@@ -418,6 +418,13 @@ class GRPOConfig(OnlineRL):
     # counted with decay ** (its age in steps) (`train_utils.WeightAverage`); 0: the last ones.
     # A checkpoint resumes only a run with the same value
     average_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    # a record key whose values are the prompts' categories (the world's "kind": the word
+    # problem's template): a step draws its prompts by category, from a bandit that favours
+    # the categories whose groups currently teach most (`curriculum.CategoryCurriculum`);
+    # None: uniformly, in shuffled passes over the prompts
+    curriculum_key: str | None = None
+    curriculum_temperature: float = Field(0.5, gt=0.0, le=100.0)  # of softmax(values / it)
+    curriculum_rate: float = Field(0.1, gt=0.0, le=1.0)  # each group's pull on its category
     # 1e-4 sharpened the SFT model onto wrong answers (entropy 0.19 -> 0.06, accuracy down)
     lr: float = Field(3e-5, gt=0.0, le=1.0)
     # per held-out reply; None: max_new_tokens. Rollouts cut shorter than SFT's evaluation

@@ -11,6 +11,7 @@ from lmforge.config import ModelConfig
 from lmforge.generate import left_pad
 from lmforge.io import model_state
 from lmforge.model import KVCache, Transformer
+from lmforge.model.transformer import product
 
 
 def _hf_config(cls, cfg: ModelConfig, **extra):
@@ -141,9 +142,9 @@ def test_logits_at_are_the_full_logits_at_the_wanted_positions_only(make_model):
 def test_matmuls_in_bf16_round_the_products_only_and_leave_float32_after(make_model):
     """`matmuls_in(bf16)`: each linear layer's product is the product of the bf16-rounded
     input and weight, returned in float32 (with a float32 bias added), in training
-    (gradients reach the float32 weights) and in the inference layout (bf16 weight copies);
-    a nested block restores the outer one's dtype, and after the block the model is float32
-    to the last bit again."""
+    (gradients reach the float32 weights) and in the inference layout (bf16 weight copies,
+    q/k/v and gate/up side by side for one product each); a nested block restores the outer
+    one's dtype, and after the block the model is float32 to the last bit again."""
     model = make_model(seed=3, init_std=0.2, qkv_bias=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -152,7 +153,12 @@ def test_matmuls_in_bf16_round_the_products_only_and_leave_float32_after(make_mo
     torch.manual_seed(2)
     x = torch.randint(5, 300, (2, 9))
     exact = model(x)
-    layer = model.model.layers[0].self_attn.q_proj  # one with a bias
+    attention = model.model.layers[0].self_attn
+    layer = attention.q_proj  # one with a bias
+    H, K, D = attention.n_heads, attention.n_kv_heads, attention.head_dim
+    with torch.no_grad(), model.inference_layout():  # float32: nothing cast, nothing fused
+        assert attention.fused_t is None and layer.weight_t.dtype == torch.float32
+        torch.testing.assert_close(model(x), exact, atol=1e-5, rtol=1e-5)
     calls = []
     hook = layer.register_forward_hook(lambda m, args, out: calls.append((args[0], out)))
     with model.matmuls_in(torch.bfloat16):
@@ -161,16 +167,21 @@ def test_matmuls_in_bf16_round_the_products_only_and_leave_float32_after(make_mo
         with model.matmuls_in(None):
             assert torch.equal(model(x), exact)
         with torch.no_grad(), model.inference_layout():
-            assert layer.weight_t.dtype == torch.bfloat16
+            assert layer.weight_t.dtype == attention.fused_t.dtype == torch.bfloat16
+            assert attention.fused_t.shape == (model.cfg.dim, (H + 2 * K) * D)
+            assert model.model.layers[0].mlp.fused_t.shape == (model.cfg.dim, 2 * model.cfg.ffn_dim)
             laid_out = model(x)
+            h = calls[0][0]
+            fused = product(h, attention.fused_t)[..., : H * D] + attention.fused_bias[: H * D]
+        assert attention.fused_t is None and attention.fused_bias is None  # gone after the block
     hook.remove()
-    product = torch.nn.functional.linear(calls[0][0].bfloat16(), layer.weight.bfloat16())
-    want = product.float() + layer.bias
-    assert calls[0][1].dtype == torch.float32 and torch.equal(calls[0][1], want)
+    assert len(calls) == 2  # the layout's q comes from the fused product, not q_proj's own
+    bf16 = torch.nn.functional.linear(h.bfloat16(), layer.weight.bfloat16())
+    assert calls[0][1].dtype == torch.float32 and torch.equal(
+        calls[0][1], bf16.float() + layer.bias
+    )
     # the layout's bf16 product may take another kernel: equal up to bf16 rounding
-    h, out = calls[2]
-    layout = torch.nn.functional.linear(h.bfloat16(), layer.weight.bfloat16()).float()
-    torch.testing.assert_close(out, layout + layer.bias, atol=0.02, rtol=0.01)
+    torch.testing.assert_close(fused, bf16.float() + layer.bias, atol=0.02, rtol=0.01)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     difference = (rounded - exact).abs().max().item()
     assert 1e-4 < difference < 0.05 * exact.abs().max().item()  # bf16, and close

@@ -22,6 +22,7 @@ from lmforge import experiments
 from lmforge.config import GRPOConfig, ModelConfig, PPOConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
+from lmforge.eval.gold import spread
 from lmforge.generate import generate, sample_completions
 from lmforge.io import load_model_dir, load_tensors
 from lmforge.losses import (
@@ -51,7 +52,7 @@ from lmforge.stages import grpo, ppo
 from lmforge.stages.grpo import policy_update
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
 from lmforge.train_utils import Dist, leave_process_group
-from lmforge.world.arithmetic import problem_sets
+from lmforge.world.arithmetic import TEMPLATES, problem_sets
 from lmforge.world.sft import rl_train, sft_eval_arithmetic
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -183,8 +184,10 @@ def test_safety_helpfulness_lets_safety_govern_where_it_is_at_stake():
 # ---- prompt records ---------------------------------------------------------------------------
 def test_prompt_records_of_both_formats_and_their_errors(tmp_path):
     world = {"messages": [{"role": "user", "content": "2 + 2?"}], "answer": 4, "lang": "zh"}
+    world["kind"] = "share"  # a record's other keys (its category) are kept
     gsm = {"question": "How many?", "answer": "3 + 4 = 7\n#### 7"}
     assert to_prompt(world, "w")["answer"] == 4.0 and to_prompt(world, "w")["lang"] == "zh"
+    assert to_prompt(world, "w")["kind"] == "share"
     assert to_prompt(gsm, "g") == {
         "messages": [{"role": "user", "content": "How many?"}],
         "answer": 7.0,
@@ -226,6 +229,8 @@ def test_world_rl_prompts_are_the_training_pool_with_true_answers(world):
     for r in train[::50]:
         p = pool[r["messages"][0]["content"]]
         assert r["answer"] == p.answer and verifiable_reward(r, p.answer_line()) == 1.0
+        assert r["kind"] == p.template  # GRPO's curriculum draws by it
+    assert {r["kind"] for r in train} == {r["kind"] for r in held} == set(TEMPLATES)
 
 
 # ---- rollouts and the GRPO update ---------------------------------------------------------------
@@ -466,9 +471,9 @@ def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeyp
     budgets = []
     evaluate = grpo.held_out_accuracy
 
-    def recording(policy, tokenizer, held, max_new_tokens, d):
+    def recording(policy, tokenizer, held, max_new_tokens, d, key="kind"):
         budgets.append(max_new_tokens)
-        return evaluate(policy, tokenizer, held, max_new_tokens, d)
+        return evaluate(policy, tokenizer, held, max_new_tokens, d, key)
 
     monkeypatch.setattr(grpo, "held_out_accuracy", recording)
     overrides = ["grpo.steps=2", "grpo.max_new_tokens=6", f"grpo.eval_max_new_tokens={budget}"]
@@ -695,12 +700,28 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
         (out / earlier).symlink_to(tiny_run / earlier)
     args = [stage, "--config", TINY, "--out", out, f"{stage}.steps=4"]
     args += [f"{stage}.checkpoint_every=2", "ppo.kl_target=1.0", "ppo.ptx_coef=0.5"]
-    args += ["grpo.average_decay=0.5"]  # GRPO's model is its weights' average, resumed too
+    # GRPO's model is its weights' average, and its prompts drawn by a curriculum: both resumed
+    args += ["grpo.average_decay=0.5", "grpo.curriculum_key=kind"]
     assert lmforge(*args).returncode == 0
     whole = _timeless(out / stage / "metrics.jsonl")
     summary = json.loads((out / stage / "summary.json").read_text())
     weights = load_tensors(out / stage / "model.safetensors")
-    if stage == "grpo":  # its model is the average of its weights, not the last of them
+    if stage == "grpo":
+        # the curriculum's chances, logged each step, moved off uniform as groups came in
+        shares = [r["curriculum"] for r in whole]
+        kinds = len(shares[0])
+        assert kinds >= 2 and set(shares[0]) <= set(TEMPLATES)
+        assert set(shares[0].values()) == {round(1 / kinds, 3)} and shares[-1] != shares[0]
+        assert all(sum(x.values()) == pytest.approx(1, abs=0.01) for x in shares)
+        by_kind, n = summary["arith_accuracy_by_kind"], summary["eval_prompts"]
+        held = spread(read_prompts(out / "world" / "sft_eval_arithmetic.jsonl"), n)
+        sizes = {k: sum(r["kind"] == k for r in held) for k in by_kind}
+        assert sum(by_kind[k] * sizes[k] for k in by_kind) / n == pytest.approx(
+            summary["arith_accuracy"], abs=1e-3
+        )
+        drawn = summary["curriculum"]
+        assert sum(x["share_drawn"] for x in drawn.values()) == pytest.approx(1, abs=1e-3)
+        # its model is the average of its weights, not the last of them
         last = out / stage / "checkpoints" / "step_00000004"
         average = load_tensors(last / "average.safetensors")
         for name, tensor in average.items():
@@ -726,9 +747,14 @@ def test_online_rl_resumes_exactly_from_its_newest_checkpoint(stage, tiny_run, t
     shutil.rmtree(out / stage / "checkpoints" / "step_00000004")
     proc = lmforge(*args, "--resume", f"{stage}.{batch_key}=2")
     assert proc.returncode == 2 and f"{batch_key} 2" in proc.stderr, proc.stderr
-    if stage == "grpo":  # and so would another average, or none
+    if stage == "grpo":  # and so would another average, or none, or no curriculum
         proc = lmforge(*args, "--resume", "grpo.average_decay=0")
         assert proc.returncode == 2 and "average_decay 0.5" in proc.stderr, proc.stderr
+        proc = lmforge(*args, "--resume", "grpo.curriculum_key=null")
+        assert proc.returncode == 2 and "curriculum" in proc.stderr, proc.stderr
+        # a key the prompts lack is refused, naming it and the file
+        proc = lmforge(*args, "grpo.curriculum_key=level")
+        assert proc.returncode == 2 and "'level'" in proc.stderr and "rl_train" in proc.stderr
     # so would another starting model (the SFT model trained again, say)
     (out / "sft").unlink()
     (out / "sft").symlink_to(tiny_run / "pretrain")
@@ -775,12 +801,17 @@ def test_grpo_in_two_processes_takes_the_steps_of_one(level, tiny_run, tmp_path)
     # second of which straddles the two ranks' rows
     args = ["--config", TINY, "grpo.steps=3", "grpo.rewards={verifiable=1.0, length=0.5}"]
     args += ["grpo.iterations=2", "grpo.minibatches=3", f"grpo.loss_level={level}"]
+    if level == "constant":  # prompts drawn by the curriculum, from what every rank learned
+        args += ["grpo.curriculum_key=kind"]
     (one, first, a), (two, second, b), cmd = _in_one_and_two_processes(
         "grpo", args, tiny_run, tmp_path
     )
     # each rank samples half the prompts, each reply with its own seed: the same replies
     for key in ("sample_accuracy", "skipped_groups", "reply_tokens", "reward"):
         assert [r[key] for r in one] == [r[key] for r in two], key
+    if level == "constant":
+        assert [r["curriculum"] for r in one] == [r["curriculum"] for r in two]
+        assert one[-1]["curriculum"] != one[0]["curriculum"]
     # and the steps are the whole batch's (figures combined over ranks keep 4 places)
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=1e-4)
     assert all(r["loss"] != 0.0 for r in one) and len(one) == 3

@@ -1,5 +1,6 @@
 """Prompts with verifiable answers for online RL: the world's `rl_train.jsonl`
-({"messages", "answer", "lang"}) or GSM8K ({"question", "answer": "... #### 72"})."""
+({"messages", "answer", "lang", "kind"}) or GSM8K ({"question", "answer": "... #### 72"}).
+Other keys of a record (a category such as "kind" or "level") are kept."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from lmforge.rewards import answer_value
 
 
 def to_prompt(record: dict, where: str) -> dict:
-    """One record as {"messages" (ending on a user turn), "answer" (float), "lang"}."""
+    """One record as {"messages" (ending on a user turn), "answer" (float), "lang"}, with
+    the record's other keys."""
     if "messages" in record:
         messages = checked_messages(record["messages"], where)
         if messages[-1]["role"] != "user":
@@ -26,7 +28,8 @@ def to_prompt(record: dict, where: str) -> dict:
         answer = answer_value(record["answer"])
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
-    return {"messages": messages, "answer": answer, "lang": record.get("lang", "en")}
+    other = {k: v for k, v in record.items() if k not in ("messages", "question", "answer")}
+    return {**other, "messages": messages, "answer": answer, "lang": record.get("lang", "en")}
 
 
 def read_prompts(path: str | Path, skips: SkipReport | None = None) -> list[dict]:

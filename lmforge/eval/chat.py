@@ -129,12 +129,12 @@ def chat_eval(
     return score(sets, replies)
 
 
-def right_answers(
+def answered_right(
     model: Transformer, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int
-) -> int:
-    """How many prompts with a verifiable answer (`data.prompts` records) get a greedy reply
-    that ends on the right final answer (`rewards.verifiable_reward`)."""
+) -> list[bool]:
+    """For each prompt with a verifiable answer (`data.prompts` records): whether its greedy
+    reply ends on the right final answer (`rewards.verifiable_reward`)."""
     if not records:
-        return 0
+        return []
     replies = reply(model, tokenizer, [r["messages"] for r in records], max_new_tokens)
-    return int(sum(verifiable_reward(r, text) for r, (text, _) in zip(records, replies)))
+    return [verifiable_reward(r, text) == 1.0 for r, (text, _) in zip(records, replies)]

@@ -63,13 +63,20 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None:
-            w = self.weight_t  # decoding's hot path: no cast where the dtypes agree
-            y = x @ w if x.dtype == w.dtype else (x.to(w.dtype) @ w).to(x.dtype)
+            y = product(x, self.weight_t)
         elif self.matmul_dtype is not None:
             y = F.linear(x.to(self.matmul_dtype), self.weight.to(self.matmul_dtype)).to(x.dtype)
         else:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
+
+
+def product(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x @ weight_t (in, out) in weight_t's dtype, returned in x's: decoding's hot path, with
+    no cast where the dtypes agree."""
+    if x.dtype == weight_t.dtype:
+        return x @ weight_t
+    return (x.to(weight_t.dtype) @ weight_t).to(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +207,11 @@ class Kept:
 
 
 class Attention(nn.Module):
+    # while decoding (`Transformer.inference_layout`): the q, k and v weights side by side,
+    # (C, (H + 2K) D), and their biases, for one product instead of three
+    fused_t: torch.Tensor | None = None
+    fused_bias: torch.Tensor | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
@@ -213,7 +225,13 @@ class Attention(nn.Module):
         self, x, cos, sin, mask, cache: KVCache | SharedPrefix | None, layer: int, kept=None
     ) -> torch.Tensor:
         # x (B, T, C), or (N, C): the positions `kept` names (see hidden_states)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.fused_t is not None:
+            qkv = product(x, self.fused_t)
+            qkv = qkv if self.fused_bias is None else qkv + self.fused_bias
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = qkv.split([self.n_heads * self.head_dim, kv_size, kv_size], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if kept is not None:
             q, k, v = kept.pad(q), kept.pad(k), kept.pad(v)
         B, T, _ = q.shape
@@ -233,6 +251,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused_t: torch.Tensor | None = None  # while decoding: gate and up weights side by side
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=False)
@@ -240,6 +260,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_t is not None:
+            gate, up = product(x, self.fused_t).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -398,21 +421,48 @@ class Transformer(nn.Module):
         """Within this block, linear layers use weight copies made once (see Linear): on CPU
         transposed and contiguous, in their `matmul_dtype` if they have one; on a GPU only
         where that dtype differs, so that no decoding step casts the weights again. Enter it
-        within `matmuls_in`, whose dtype the copies take when they are made."""
+        within `matmuls_in`, whose dtype the copies take when they are made.
+
+        Where the products cast (a `matmul_dtype` other than the weights'), the q, k and v
+        projections, and gate and up, also get one copy side by side, for one product and one
+        cast of the input each (unless one carries a LoRA adapter, whose term needs its own):
+        with bf16 products on this CPU a decoding step took 2.12 instead of 2.39 ms at batch
+        1, 3.20 instead of 3.61 at 16 and 6.90 instead of 7.70 at 64, and a GRPO rollout of
+        8 x 8 replies 0.360 instead of 0.386 s (medians of 3 runs by turns); in float32, where
+        nothing is cast, one product was up to 6% slower than three."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         cpu = next(self.parameters()).device.type == "cpu"
+
+        def laid_out(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            weight_t = weight.detach().to(dtype).t()  # (in, out)
+            return weight_t.contiguous() if cpu else weight_t
+
         before = [m.weight_t for m in linears]
         for m in linears:
             dtype = m.matmul_dtype or m.weight.dtype
-            if cpu:
-                m.weight_t = m.weight.detach().to(dtype).t().contiguous()
-            elif dtype != m.weight.dtype:
-                m.weight_t = m.weight.detach().to(dtype).t()
+            if cpu or dtype != m.weight.dtype:
+                m.weight_t = laid_out(m.weight, dtype)
+        blocks = [m for m in self.modules() if isinstance(m, (Attention, MLP))]
+        for m in blocks:
+            parts = (
+                [m.q_proj, m.k_proj, m.v_proj]
+                if isinstance(m, Attention)
+                else [m.gate_proj, m.up_proj]
+            )
+            dtype = parts[0].matmul_dtype or parts[0].weight.dtype
+            if dtype != parts[0].weight.dtype and all(type(p) is Linear for p in parts):
+                m.fused_t = laid_out(torch.cat([p.weight for p in parts]), dtype)
+                if parts[0].bias is not None:
+                    m.fused_bias = torch.cat([p.bias.detach() for p in parts])
         try:
             yield
         finally:
             for m, weight_t in zip(linears, before):
                 m.weight_t = weight_t
+            for m in blocks:
+                m.fused_t = None
+                if isinstance(m, Attention):
+                    m.fused_bias = None
 
     @contextlib.contextmanager
     def matmuls_in(self, dtype: torch.dtype | None) -> Iterator[None]:

@@ -3,7 +3,9 @@
     word problems (DIR/world/rl_train.jsonl) ──┐
     the SFT model (DIR/sft) ── policy ─────────┴─▶ DIR/grpo/ (model, summary.json)
 
-Each step draws `prompts_per_step` prompts and samples `group_size` replies to each at
+Each step draws `prompts_per_step` prompts (in shuffled passes over them, or with
+`curriculum_key` by category, from a bandit that favours the categories whose groups teach
+most: `curriculum.CategoryCurriculum`) and samples `group_size` replies to each at
 temperature 1 (`rollout.rollout`, log-probs kept from the same pass). Each reply gets a reward
 (`rewards`: by default 1 if its final answer is right), and its advantage is its reward
 against its group's (`losses.group_advantages`, or `rloo_advantages`; without the division by
@@ -28,7 +30,8 @@ as ever, and the average is what is evaluated after and written out.
 
 Figures: greedy accuracy on held-out problems before and after (`arith_accuracy_before`,
 `arith_accuracy`: world/sft_eval_arithmetic.jsonl, none of which is trained on; with an
-average, also the last weights' `arith_accuracy_last_weights`), and per
+average, also the last weights' `arith_accuracy_last_weights`; with a curriculum, per
+category too, and the categories' final values and shares drawn), and per
 step in metrics.jsonl: reward, accuracy of the samples, skipped groups, clip fraction,
 KL, entropy, reply length, truncations, rollout and training seconds.
 """
@@ -42,10 +45,11 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import GRPOConfig, RunConfig
+from lmforge.config import ConfigError, GRPOConfig, RunConfig
+from lmforge.curriculum import CategoryCurriculum
 from lmforge.data.prompts import read_prompts
 from lmforge.data.readers import SkipReport
-from lmforge.eval.chat import right_answers
+from lmforge.eval.chat import answered_right
 from lmforge.eval.gold import spread
 from lmforge.io import load_model_dir, sha256_file
 from lmforge.losses import (
@@ -80,7 +84,6 @@ from lmforge.train_utils import (
     Dist,
     TrainingProgress,
     WeightAverage,
-    all_reduce_sum,
     all_reduce_sums,
     build_optimizer,
     console,
@@ -98,12 +101,24 @@ def advantages(rewards: torch.Tensor, gc: GRPOConfig) -> torch.Tensor:
 
 
 def held_out_accuracy(
-    policy: Transformer, tokenizer: Tokenizer, held: list[dict], max_new_tokens: int, d: Dist
-) -> float:
-    """The share of `held` answered right, greedy; under torchrun each rank answers every
-    world_size-th prompt."""
-    right = right_answers(policy, tokenizer, held[d.rank :: d.world_size], max_new_tokens)
-    return round(all_reduce_sum(right, d) / len(held), 4)
+    policy: Transformer,
+    tokenizer: Tokenizer,
+    held: list[dict],
+    max_new_tokens: int,
+    d: Dist,
+    key: str = "kind",
+) -> tuple[float, dict[str, float]]:
+    """The share of `held` answered right, greedy, and where every record has a `key` (a
+    category: the world's kind of word problem) the share within each category; under
+    torchrun each rank answers every world_size-th prompt."""
+    mine = held[d.rank :: d.world_size]
+    right = answered_right(policy, tokenizer, mine, max_new_tokens)
+    kinds = sorted({str(r[key]) for r in held}) if all(key in r for r in held) else []
+    rights = [sum(ok for r, ok in zip(mine, right) if str(r[key]) == k) for k in kinds]
+    totals = all_reduce_sums([sum(right), *rights], d)
+    sizes = [sum(str(r[key]) == k for r in held) for k in kinds]
+    by_kind = {k: round(n_right / n, 4) for k, n_right, n in zip(kinds, totals[1:], sizes)}
+    return round(totals[0] / len(held), 4), by_kind
 
 
 def policy_update(
@@ -170,15 +185,17 @@ def policy_update(
 @dataclass
 class GRPOStep:
     """What one step did: its rollouts and their rewards (after the truncation penalty),
-    right answers and truncations, the groups skipped as all-equal, the update's figures
-    (empty when nothing was learned from), and the seconds spent sampling and scoring
-    (`rollout_seconds`) and updating (`train_seconds`)."""
+    right answers and truncations, the groups skipped as all-equal, each group's mean absolute
+    advantage (what the curriculum learns from), the update's figures (empty when nothing was
+    learned from), and the seconds spent sampling and scoring (`rollout_seconds`) and
+    updating (`train_seconds`)."""
 
     rollouts: list[Rollout]
     rewards: torch.Tensor  # (N,)
     correct: list[float]
     truncated: torch.Tensor  # (N,) bool
     skipped_groups: int
+    abs_advantage: list[float]  # per group
     update: dict[str, float]
     rollout_seconds: float
     train_seconds: float
@@ -219,7 +236,8 @@ def grpo_step(
         rewards = torch.where(truncated, gc.truncation_reward, rewards)
     grid = rewards.view(len(indices), gc.group_size)
     informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
-    adv = advantages(grid, gc).flatten()
+    grid_adv = advantages(grid, gc)
+    adv = grid_adv.flatten()
     learn = informative & ~truncated if gc.truncated == "exclude" else informative
     t1 = time.perf_counter()
     chosen = [r for r, k in zip(rolls, learn.tolist()) if k]
@@ -240,7 +258,15 @@ def grpo_step(
         )
     skipped = len(indices) - int(informative.sum()) // gc.group_size
     return GRPOStep(
-        rolls, rewards, correct, truncated, skipped, update, t1 - t0, time.perf_counter() - t1
+        rolls,
+        rewards,
+        correct,
+        truncated,
+        skipped,
+        grid_adv.abs().mean(1).tolist(),
+        update,
+        t1 - t0,
+        time.perf_counter() - t1,
     )
 
 
@@ -271,8 +297,23 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         raise ValueError(f"grpo: no prompt in {empty} leaves {budget} new tokens in the context")
     if gc.eval_prompts:
         held = spread(held, gc.eval_prompts)
+    curriculum = None
+    if gc.curriculum_key:
+        missing = sum(gc.curriculum_key not in r for r in records)
+        if missing:
+            raise ConfigError(
+                f"grpo.curriculum_key: {missing} of the {len(records)} prompts in {data_path} "
+                f"have no {gc.curriculum_key!r} (set grpo.curriculum_key=null to draw uniformly)"
+            )
+        curriculum = CategoryCurriculum(
+            [str(r[gc.curriculum_key]) for r in records],
+            gc.curriculum_temperature,
+            gc.curriculum_rate,
+            cfg.seed,
+        )
     reward = build_reward(gc, "grpo", run_dir, policy, tokenizer, d.device)
-    before = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
+    key = gc.curriculum_key or "kind"
+    before, before_by_kind = held_out_accuracy(policy, tokenizer, held, eval_tokens, d, key)
     if d.is_main:
         console.print(
             f"grpo: {len(records)} prompts from {data_path}; {gc.steps} steps x "
@@ -282,13 +323,20 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
 
     optimizer = build_optimizer(policy, gc.lr, gc.weight_decay, (gc.beta1, gc.beta2))
     average = WeightAverage(policy, gc.average_decay) if gc.average_decay else None
-    kept = {"average": average.tensors} if average is not None else None  # checkpointed too
+    kept = {}  # checkpointed too
+    if average is not None:
+        kept["average"] = average.tensors
+    if curriculum is not None:
+        kept["curriculum"] = curriculum.tensors
     # a checkpoint resumes only the run it came from: same batch shape, same starting model
     expect = {
         "prompts_per_step": gc.prompts_per_step,
         "group_size": gc.group_size,
         "base_model_sha256": sha256_file(base_dir / "model.safetensors"),
         "average_decay": gc.average_decay,
+        "curriculum": [gc.curriculum_key, gc.curriculum_temperature, gc.curriculum_rate]
+        if curriculum
+        else None,
     }
     log, batches, state = start_log(
         out,
@@ -312,7 +360,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         training_matmuls(gc, d, policy, reference),
     ):
         for step, lr in rl_steps(gc, optimizer, state["step"], elapsed_before, d):
-            indices = next(batches)[mine]
+            drawn = curriculum.draw(step, gc.prompts_per_step) if curriculum else next(batches)
+            indices = drawn[mine]
             first_row = mine.start * gc.group_size
             seeds = reply_seeds(cfg.seed, step, first_row, len(indices) * gc.group_size)
             result = grpo_step(
@@ -320,6 +369,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
             )
             if average is not None:
                 average.update()
+            if curriculum is not None:
+                shares = curriculum.probabilities()  # what drew this step's prompts
+                curriculum.update(
+                    all_reduce_sums(curriculum.arm_sums(indices, result.abs_advantage), d)
+                )
             rolls = result.rollouts
             totals = [
                 result.rewards.sum().item(),
@@ -339,6 +393,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
                 "truncated": round(cut / n, 4),
                 "reply_tokens": round(tokens / n, 2),
                 **{k: v for k, v in result.update.items() if k != "loss"},
+                **(
+                    {"curriculum": dict(zip(curriculum.arms, (round(p, 3) for p in shares)))}
+                    if curriculum
+                    else {}
+                ),
                 "rollout_seconds": round(result.rollout_seconds, 3),
                 "train_seconds": round(result.train_seconds, 3),
                 "lr": lr,
@@ -355,11 +414,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     if average is not None:
         last_weights["arith_accuracy_last_weights"] = held_out_accuracy(
             policy, tokenizer, held, eval_tokens, d
-        )
+        )[0]
         average.copy_to_model()
     if d.is_main:
         finish_training(out, policy, tokenizer, log, "grpo")
-    after = held_out_accuracy(policy, tokenizer, held, eval_tokens, d)
+    after, after_by_kind = held_out_accuracy(policy, tokenizer, held, eval_tokens, d, key)
     if not d.is_main:
         return {}
     history = log.read()  # the whole run's, across resumes
@@ -369,6 +428,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
         "arith_accuracy": after,
         "arith_accuracy_before": before,
         **last_weights,
+        **({"arith_accuracy_by_kind": after_by_kind} if after_by_kind else {}),
+        **({"arith_accuracy_by_kind_before": before_by_kind} if before_by_kind else {}),
+        **({"curriculum": curriculum.summary()} if curriculum else {}),
         "eval_prompts": len(held),
         "eval_data": str(eval_path),
         "base_model": str(base_dir),

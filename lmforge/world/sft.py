@@ -1174,7 +1174,12 @@ def sft_eval_facts(world: World, cfg: WorldConfig) -> list[dict]:
 def _problem_prompts(world: World, cfg: WorldConfig, pool: str) -> list[dict]:
     sets = problem_sets(world, cfg)
     return [
-        {"messages": [{"role": "user", "content": p.question}], "answer": p.answer, "lang": lang}
+        {
+            "messages": [{"role": "user", "content": p.question}],
+            "answer": p.answer,
+            "lang": lang,
+            "kind": p.template,  # a category for GRPO's curriculum and per-kind figures
+        }
         for lang in cfg.languages
         for p in sets[lang][pool]
     ]
@@ -1182,7 +1187,8 @@ def _problem_prompts(world: World, cfg: WorldConfig, pool: str) -> list[dict]:
 
 def sft_eval_arithmetic(world: World, cfg: WorldConfig) -> list[dict]:
     """The evaluation word problems (`eval_arithmetic`) as chat prompts
-    `{"messages", "answer": int, "lang"}`; none of them is in the SFT training pool."""
+    `{"messages", "answer": int, "lang", "kind"}` (kind: the problem's template); none of
+    them is in the SFT training pool."""
     return _problem_prompts(world, cfg, "eval")
 
 
