@@ -1,9 +1,9 @@
 """Which prompts an online RL step samples: a bandit over the prompts' categories.
 
 A GRPO group whose replies all get the same reward teaches nothing, and categories of
-problem differ in how often that happens: on the arithmetic world, the SFT model gets 72-81%
-of its groups all wrong on three of the five kinds of word problem and 8-21% on the
-easiest, which GRPO then solves until its groups are all right. Self-Evolving Curriculum
+problem differ in how often that happens: on the arithmetic world (`configs/arithmetic.toml`)
+the SFT model's groups are all wrong for 70-81% of the problems of three of the five kinds,
+and all alike for 8-22% of the easiest kind, which GRPO then solves until they are all right. Self-Evolving Curriculum
 (Chen et al., 2025) treats each category as an arm of a non-stationary bandit whose value
 is what a policy-gradient step currently gets out of it, the mean absolute advantage of its
 groups (0 for a group with equal rewards):
