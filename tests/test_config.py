@@ -39,7 +39,8 @@ def test_the_shipped_configs_load(name):
     assert cfg != RunConfig()
     if name == "arithmetic":
         assert (cfg.world.arithmetic_steps, cfg.world.n_arithmetic) == ("small", 2000)
-        assert cfg.stages[-1] == "grpo" and cfg.grpo.time_limit == 540
+        # 560 s of training leaves the held-out evaluations room within 10 minutes
+        assert cfg.stages[-1] == "grpo" and cfg.grpo.time_limit == 560
         # rollouts cut at 64 tokens, the held-out accuracy measured as SFT's
         assert (cfg.grpo.max_new_tokens, cfg.grpo.eval_max_new_tokens) == (64, 96)
         assert cfg.grpo.eval_max_new_tokens == cfg.sft.eval_max_new_tokens
