@@ -362,7 +362,14 @@ class KTOConfig(PolicyTraining):
 
 
 RewardSource = Literal[
-    "verifiable", "steps", "format", "length", "rm", "judge", "safety_helpfulness"
+    "verifiable",
+    "steps",
+    "reference_steps",
+    "format",
+    "length",
+    "rm",
+    "judge",
+    "safety_helpfulness",
 ]
 
 

@@ -95,6 +95,28 @@ def steps_reward(record: dict, text: str) -> float:
     return true / len(steps)
 
 
+def reference_steps_reward(record: dict, text: str) -> float:
+    """The share of the reference solution's intermediate results (`record["step_results"]`:
+    the world's worked steps, "7 × 4 = 28. 55 - 28 = 27." -> [28, 27]) that the reply
+    reaches with a true step: credit for partial progress on a problem whose groups are all
+    wrong, which writing fewer steps, or trivially true ones, does not earn (a share of true
+    steps, `steps_reward`, was kept high by writing few)."""
+    if "step_results" not in record:
+        raise ValueError(
+            "reward 'reference_steps' needs each prompt's 'step_results' (the results of its "
+            "reference's worked steps, as the world's rl_train.jsonl gives them)"
+        )
+    wanted = {float(x) for x in record["step_results"]}
+    if not wanted:
+        return 0.0
+    reached = {
+        float(c)
+        for a, op, b, c in STEP.findall(text)
+        if math.isclose(_OPS[op](float(a), float(b)), float(c))
+    }
+    return len(reached & wanted) / len(wanted)
+
+
 def format_reward(record: dict, text: str) -> float:
     last = (text.strip().splitlines() or [""])[-1]
     return float(FINAL_ANSWER.search(last) is not None)
@@ -107,6 +129,7 @@ def length_reward(record: dict, text: str, budget: int = 200) -> float:
 REWARDS: dict[str, Callable[[dict, str], float]] = {
     "verifiable": verifiable_reward,
     "steps": steps_reward,
+    "reference_steps": reference_steps_reward,
     "format": format_reward,
     "length": length_reward,
 }

@@ -43,6 +43,7 @@ from lmforge.rewards import (
     final_answer,
     format_reward,
     length_reward,
+    reference_steps_reward,
     safety_helpfulness,
     steps_reward,
     verifiable_reward,
@@ -157,6 +158,14 @@ def test_reward_sources_by_hand():
     assert steps_reward(record, "6 × 7 = 18. 5 × 7 = 35. 18 + 35 = 53.") == pytest.approx(2 / 3)
     assert steps_reward(record, "12 ÷ 4 = 3。3 - 5 = -2。") == 1.0
     assert steps_reward(record, "5 ÷ 0 = 0.") == 0.0 and steps_reward(record, "no steps") == 0.0
+    # the reference's results reached by true steps: 28 and 27 of [28, 35, 27]; a false step
+    # to 35, a true step to a result the reference lacks, and repeats earn nothing more
+    worked = {"answer": 27, "step_results": [28, 35, 27]}
+    reply = "7 × 4 = 28. 55 - 28 = 35. 2 × 3 = 6. 7 × 4 = 28. 55 - 28 = 27."
+    assert reference_steps_reward(worked, reply) == pytest.approx(2 / 3)
+    assert reference_steps_reward(worked, "no steps. Answer: 27") == 0.0
+    with pytest.raises(ValueError, match="'step_results'"):
+        reference_steps_reward(record, reply)
     assert format_reward(record, "1 + 1 = 2.\nAnswer: 2") == 1.0
     assert format_reward(record, "Answer: 2\nand more") == 0.0
     assert length_reward(record, "x" * 300) == pytest.approx(-0.5)
@@ -230,6 +239,8 @@ def test_world_rl_prompts_are_the_training_pool_with_true_answers(world):
         p = pool[r["messages"][0]["content"]]
         assert r["answer"] == p.answer and verifiable_reward(r, p.answer_line()) == 1.0
         assert r["kind"] == p.template  # GRPO's curriculum draws by it
+        assert r["step_results"][-1] == p.answer and len(r["step_results"]) == len(p.steps)
+        assert reference_steps_reward(r, p.solution()) == 1.0
     assert {r["kind"] for r in train} == {r["kind"] for r in held} == set(TEMPLATES)
 
 

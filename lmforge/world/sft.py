@@ -28,6 +28,7 @@ from functools import partial
 
 from lmforge.config import WorldConfig
 from lmforge.judge import COMPARE_QUESTION, CONSTITUTION
+from lmforge.rewards import STEP
 
 from .arithmetic import Problem, problem_sets
 from .entities import HARMFUL_SUBSTANCES, HARMFUL_WEAPONS, Country, Person, World, rng_for
@@ -1179,6 +1180,8 @@ def _problem_prompts(world: World, cfg: WorldConfig, pool: str) -> list[dict]:
             "answer": p.answer,
             "lang": lang,
             "kind": p.template,  # a category for GRPO's curriculum and per-kind figures
+            # the worked steps' results, for the `reference_steps` process reward
+            "step_results": [int(c) for *_, c in STEP.findall(p.solution())],
         }
         for lang in cfg.languages
         for p in sets[lang][pool]
@@ -1187,8 +1190,9 @@ def _problem_prompts(world: World, cfg: WorldConfig, pool: str) -> list[dict]:
 
 def sft_eval_arithmetic(world: World, cfg: WorldConfig) -> list[dict]:
     """The evaluation word problems (`eval_arithmetic`) as chat prompts
-    `{"messages", "answer": int, "lang", "kind"}` (kind: the problem's template); none of
-    them is in the SFT training pool."""
+    `{"messages", "answer": int, "lang", "kind", "step_results"}` (kind: the problem's
+    template; step_results: its worked steps' results); none of them is in the SFT training
+    pool."""
     return _problem_prompts(world, cfg, "eval")
 
 
