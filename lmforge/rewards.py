@@ -87,12 +87,17 @@ _OPS = {
 }
 
 
+def _is_true(step: tuple[str, str, str, str]) -> bool:
+    """Whether a worked step (a, op, b, c) of `STEP` holds: a op b = c."""
+    a, op, b, c = step
+    return math.isclose(_OPS[op](float(a), float(b)), float(c))
+
+
 def steps_reward(record: dict, text: str) -> float:
     steps = STEP.findall(text)
     if not steps:
         return 0.0
-    true = sum(math.isclose(_OPS[op](float(a), float(b)), float(c)) for a, op, b, c in steps)
-    return true / len(steps)
+    return sum(map(_is_true, steps)) / len(steps)
 
 
 def reference_steps_reward(record: dict, text: str) -> float:
@@ -109,11 +114,7 @@ def reference_steps_reward(record: dict, text: str) -> float:
     wanted = {float(x) for x in record["step_results"]}
     if not wanted:
         return 0.0
-    reached = {
-        float(c)
-        for a, op, b, c in STEP.findall(text)
-        if math.isclose(_OPS[op](float(a), float(b)), float(c))
-    }
+    reached = {float(step[3]) for step in STEP.findall(text) if _is_true(step)}
     return len(reached & wanted) / len(wanted)
 
 
