@@ -421,6 +421,10 @@ class GRPOConfig(OnlineRL):
     loss_level: Literal["token", "sequence", "constant"] = "token"
     group_size: int = Field(8, ge=2, le=4096)  # G samples per prompt
     kl_coef: float = Field(0.0, ge=0.0, le=100.0)  # k3 KL to the SFT model; 0: no reference
+    # > 0: the tokens that write each worked step's result ("48 + 30 = 78.": "78.") also get
+    # this times the step's truth against the group's rate of true steps
+    # (`losses.step_credit`), and a group whose answers tie is learnt from when its steps differ
+    step_credit: float = Field(0.0, ge=0.0, le=100.0)
     # > 0: the stage's model is the policy's weights averaged over the steps, each step's
     # counted with decay ** (its age in steps) (`train_utils.WeightAverage`); 0: the last ones.
     # A checkpoint resumes only a run with the same value

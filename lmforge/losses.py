@@ -235,6 +235,27 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return g / (g - 1) * (rewards - rewards.mean(dim=1, keepdim=True))
 
 
+def step_credit(truth: torch.Tensor, is_result: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Token-level credit for the results of worked steps ("48 + 30 = 78"), against the
+    group's rate of true ones: a dense, verifiable reward that says which step went wrong,
+    where the answer's reward says only that something did.
+
+        c_{i,t} = tau_{i,t} - mean_{j in group(i), s in R_j} tau_{j,s}    if t in R_i
+        c_{i,t} = 0                                                       otherwise
+
+    R_i are the tokens that write reply i's step results with the character ending each
+    (`rewards.step_results`), tau 1 on those of a true step and 0 on a false one. truth, is_result (B, T) with B = P * group_size replies grouped by prompt.
+    Returns (B, T); a group with no step result gets 0.
+    """
+    truth = truth.float() * is_result
+    result = is_result.float()
+    rows, width = truth.shape
+    totals = truth.view(-1, group_size * width).sum(1)  # (P,)
+    counts = result.view(-1, group_size * width).sum(1)
+    rate = (totals / counts.clamp(min=1)).repeat_interleave(group_size)[:, None]  # (B, 1)
+    return (truth - rate) * result
+
+
 def clipped_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

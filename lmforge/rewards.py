@@ -93,6 +93,29 @@ def _is_true(step: tuple[str, str, str, str]) -> bool:
     return math.isclose(_OPS[op](float(a), float(b)), float(c))
 
 
+# a step up to its "=", and the result if there is one
+_STEP_OPENED = re.compile(
+    r"(-?\d+(?:\.\d+)?)\s*([×x*+\-÷/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)?"
+)
+
+
+def step_results(text: str) -> list[tuple[int, int, bool]]:
+    """Each worked step of `text` ("48 + 30 = 78."): the character span of its result and
+    the character that ends it ("78."), and whether the step holds. The ending is the
+    choice to stop the number: credit on the digits alone taught a policy to stop after the
+    first digit it was sure of ("18 + 6 = 2."), and credit on results alone to leave out
+    the results it was unsure of ("52 - 20 = ."; such a step is false, its span the
+    character after the "="). A text that ends at the "=" (cut short) has nothing to judge."""
+    spans = []
+    for m in _STEP_OPENED.finditer(text):
+        end = min(m.end() + 1, len(text))
+        if m.group(4) is not None:
+            spans.append((m.start(4), end, _is_true(m.groups())))
+        elif m.end() < len(text):
+            spans.append((m.end(), end, False))
+    return spans
+
+
 def steps_reward(record: dict, text: str) -> float:
     steps = STEP.findall(text)
     if not steps:

@@ -19,7 +19,7 @@ from conftest import ENV, TINY, lmforge, torchrun_command, torchrun_stage
 from safetensors.torch import save_file
 
 from lmforge import experiments
-from lmforge.config import GRPOConfig, ModelConfig, PPOConfig, load_config
+from lmforge.config import ConfigError, GRPOConfig, ModelConfig, PPOConfig, load_config
 from lmforge.data.prompts import read_prompts, to_prompt
 from lmforge.data.readers import DataError, SkipReport
 from lmforge.eval.gold import spread
@@ -34,6 +34,7 @@ from lmforge.losses import (
     k3_kl,
     masked_mean,
     rloo_advantages,
+    step_credit,
     token_logprobs,
 )
 from lmforge.model import Transformer
@@ -45,12 +46,13 @@ from lmforge.rewards import (
     length_reward,
     reference_steps_reward,
     safety_helpfulness,
+    step_results,
     steps_reward,
     verifiable_reward,
 )
 from lmforge.rollout import RankRows, Rollout, reply_batch, reply_logprobs
 from lmforge.stages import grpo, ppo
-from lmforge.stages.grpo import policy_update
+from lmforge.stages.grpo import policy_update, step_result_tokens
 from lmforge.stages.ppo import ValueHead, adapt_kl, explained_variance, ppo_update
 from lmforge.train_utils import Dist, leave_process_group
 from lmforge.world.arithmetic import TEMPLATES, problem_sets
@@ -82,6 +84,20 @@ def test_rloo_advantages_leave_the_sample_out():
     close(rloo_advantages(rewards), expected)
     with pytest.raises(ValueError, match="at least 2"):
         rloo_advantages(torch.ones(3, 1))
+
+
+def test_step_credit_by_hand():
+    # 2 groups of 2 replies, 4 tokens each; R marks result tokens, T true ones
+    is_result = torch.tensor(
+        [[1, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool
+    )
+    truth = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    # group 1: results are tokens (0,0) (0,1) (0,3) (1,1), of which 2 true: rate 0.5, and the
+    # truth off result tokens counts for nothing; group 2 has no result: no credit
+    expected = [[0.5, 0.5, 0.0, -0.5], [0.0, -0.5, 0.0, 0.0], [0.0] * 4, [0.0] * 4]
+    close(step_credit(truth, is_result, group_size=2), expected)
+    # a group whose every result is true (or false) has nothing to tell apart
+    assert not step_credit(truth[:1], is_result[:1] & truth[:1], group_size=1).any()
 
 
 def test_clipped_policy_loss_by_hand():
@@ -166,6 +182,13 @@ def test_reward_sources_by_hand():
     assert reference_steps_reward(worked, "no steps. Answer: 27") == 0.0
     with pytest.raises(ValueError, match="'step_results'"):
         reference_steps_reward(record, reply)
+    text = "7 × 4 = 28. 55 - 28 = 26.\nAnswer: 26"
+    assert step_results(text) == [(8, 11, True), (22, 25, False)]
+    assert [text[a:b] for a, b, _ in step_results(text)] == ["28.", "26."]  # with their ends
+    assert step_results("no steps") == []
+    # a step without its result is false, judged on the character after "="; one cut short
+    # at the "=" is not judged
+    assert step_results("52 - 20 = . 3 + 4 =") == [(10, 11, False)]
     assert format_reward(record, "1 + 1 = 2.\nAnswer: 2") == 1.0
     assert format_reward(record, "Answer: 2\nand more") == 0.0
     assert length_reward(record, "x" * 300) == pytest.approx(-0.5)
@@ -357,9 +380,75 @@ def test_grpo_update_moves_a_reply_s_probability_with_its_advantage(make_model, 
     assert figures["entropy"] > 0 and figures["kl"] == 0.0
 
 
-def _update_case(level: str) -> tuple[Transformer, list[Rollout], torch.Tensor, GRPOConfig]:
+def test_step_result_tokens_mark_the_tokens_of_each_result(tokenizer):
+    # results that BPE may merge with their neighbours, after a multi-byte "×", in Chinese,
+    # and after a byte that is not UTF-8 on its own; a reply that ends on a result ends its
+    # number with the end token, which is marked with it
+    texts = ["7 × 4 = 28. 28 + 5 = 34.", "学习 12 ÷ 4 = 3。", "9 - 2 = . and 6 × 6 = 36"]
+    replies = [tokenizer.encode(t) for t in texts]
+    replies.append(tokenizer.encode_bytes(b"\xff 2 + 2 = 4"))
+    tokens = [r + [tokenizer.end_id] for r in replies]
+    rollouts = [Rollout(0, [1], t, [0.0] * len(t), "", False) for t in tokens]
+    truth, is_result = step_result_tokens(tokenizer, rollouts)
+    assert truth.shape == is_result.shape == (4, max(len(t) for t in tokens))
+    end = "<|end|>"
+    expected = [["28.", "34."], ["3。"], [".", "36" + end], ["4" + end]]
+    holds = [[True, False], [True], [False, True], [True]]
+    for n, t in enumerate(tokens):
+        marked = [i for i in range(len(t)) if is_result[n, i]]
+        assert not is_result[n, len(t) :].any()  # the padding
+        assert is_result[n, len(t) - 1] == expected[n][-1].endswith(end)
+        # the marked tokens, in runs, spell each result (with what BPE merged into them)
+        runs = [[marked[0]]]
+        for i in marked[1:]:
+            runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+        spelt = [tokenizer.decode_bytes([t[i] for i in run]).decode() for run in runs]
+        assert len(spelt) == len(expected[n])
+        for got, want in zip(spelt, expected[n]):
+            assert want in got and len(got) <= len(want) + 2, (got, want)
+        assert [bool(truth[n, run[0]]) for run in runs] == holds[n]
+        assert all(truth[n, i] == truth[n, run[0]] for run in runs for i in run)
+
+
+def test_grpo_update_takes_advantages_per_reply_or_per_token(make_model):
+    """A (B, T) advantage equal along each reply takes the step a (B,) one does; one that is
+    positive on a single token alone raises that token's probability."""
+    model, rollouts, adv, gc = _update_case("token")
+    start = copy.deepcopy(model.state_dict())
+    width = max(len(r.tokens) for r in rollouts)
+    cpu = torch.device("cpu")
+
+    def update(advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.load_state_dict(start)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
+        policy_update(model, None, optimizer, rollouts, advantages, gc, 0, cpu)
+        return copy.deepcopy(model.state_dict())
+
+    per_reply = update(adv)
+    per_token = update(adv[:, None].expand(-1, width + 2).contiguous())  # wider: cut to fit
+    assert any(not torch.equal(per_reply[k], start[k]) for k in start)
+    for name, tensor in per_reply.items():
+        assert torch.allclose(per_token[name], tensor, atol=1e-6), name
+
+    batch = reply_batch(rollouts, pad_id=0)
+    one = torch.zeros(len(rollouts), width)
+    one[2, 1] = 1.0  # the second token of the third reply (6 tokens long)
+    model.load_state_dict(start)
+    with torch.no_grad():
+        before = reply_logprobs(model, batch)[0]
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    policy_update(model, None, sgd, rollouts, one, GRPOConfig(), 0, cpu)
+    with torch.no_grad():
+        after = reply_logprobs(model, batch)[0]
+    assert after[2, 1] - before[2, 1] > 0.01
+
+
+def _update_case(
+    level: str, per_token: bool = False
+) -> tuple[Transformer, list[Rollout], torch.Tensor, GRPOConfig]:
     """A tiny policy, 8 replies of 1 to 6 tokens to 2 prompts with their sampling
-    log-probs, their advantages, and 2 passes of 3 minibatches a step."""
+    log-probs, their advantages (8,) or, `per_token`, (8, 6), and 2 passes of 3 minibatches
+    a step."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
     model = Transformer(cfg)
@@ -371,22 +460,23 @@ def _update_case(level: str) -> tuple[Transformer, list[Rollout], torch.Tensor, 
     rollouts = [
         Rollout(i // 4, rows[i], c.tokens, c.logprobs, "", False) for i, c in enumerate(completions)
     ]
-    adv = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    adv = torch.randn(8, *[6] * per_token, generator=torch.Generator().manual_seed(2))
     return model, rollouts, adv, GRPOConfig(iterations=2, minibatches=3, lr=0.01, loss_level=level)
 
 
 def _spread_update(
     algorithm: str, level: str, ends: list[int] | None = None, rank: int = 0
 ) -> dict[str, torch.Tensor]:
-    """The weights after one update (`grpo.policy_update`, or `ppo.ppo_update` with its
-    value head) on `_update_case`: on all its rollouts in one process, or, under torchrun,
-    on rollouts ends[rank] .. ends[rank + 1] - 1 on this rank."""
-    model, rollouts, adv, gc = _update_case(level)
+    """The weights after one update (`grpo.policy_update`, with "grpo-per-token" an
+    advantage per token, or `ppo.ppo_update` with its value head) on `_update_case`: on all
+    its rollouts in one process, or, under torchrun, on rollouts ends[rank] .. ends[rank + 1]
+    - 1 on this rank."""
+    model, rollouts, adv, gc = _update_case(level, algorithm == "grpo-per-token")
     first, end = (0, 8) if ends is None else (ends[rank], ends[rank + 1])
     rows = None if ends is None else RankRows(offset=first, total=8, width=6)
     d = None if ends is None else Dist(rank, len(ends) - 1)
     mine, cpu = rollouts[first:end] or rollouts[:1], torch.device("cpu")
-    if algorithm == "grpo":
+    if algorithm.startswith("grpo"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr)
         policy_update(model, None, optimizer, mine, adv[first:end], gc, 0, cpu, d, rows)
         return model.state_dict()
@@ -421,7 +511,13 @@ def _spread_update_on_a_rank(rank: int, algorithm: str, level: str, ends: list, 
 
 @pytest.mark.parametrize(
     "algorithm, level",
-    [("grpo", "token"), ("grpo", "sequence"), ("grpo", "constant"), ("ppo", "token")],
+    [
+        ("grpo", "token"),
+        ("grpo", "sequence"),
+        ("grpo", "constant"),
+        ("grpo-per-token", "token"),
+        ("ppo", "token"),
+    ],
 )
 @pytest.mark.parametrize("ends", [[0, 4, 8], [0, 8, 8]], ids=["straddling", "one-rank-idle"])
 def test_an_update_spread_over_ranks_takes_the_one_process_steps(algorithm, level, ends, tmp_path):
@@ -469,6 +565,24 @@ def test_grpo_runs_on_gsm8k_end_to_end(tiny_run):
     assert s["prompts_too_long"] > 0 and s["eval_prompts_too_long"] > 0
     assert s["steps"] == 2 and s["eval_prompts"] == 8 and s["eval_data"] == str(GSM8K)
     assert 0.0 <= s["arith_accuracy"] <= 1.0  # near zero for a tiny model: only reported
+
+
+def test_grpo_refuses_a_process_reward_its_prompts_cannot_give(tiny_run, tmp_path):
+    # 'reference_steps' scores replies against each prompt's worked steps: prompts without
+    # them are refused before any work, naming the file and how many lack them
+    records = read_prompts(tiny_run / "world" / "rl_train.jsonl")
+    assert all("step_results" in r for r in records)
+    for r in records[::2]:
+        del r["step_results"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = [f"grpo.data={data}", f"grpo.model={tiny_run / 'sft'}"]
+    overrides += ["grpo.rewards={verifiable=1.0, reference_steps=0.5}"]
+    cfg = load_config(Path(TINY), overrides)
+    missing = (len(records) + 1) // 2
+    with pytest.raises(ConfigError, match=f"{missing} of the {len(records)} prompts in {data}"):
+        grpo.run(cfg, tiny_run, stage="grpo_no_steps")
+    assert not (tiny_run / "grpo_no_steps" / "metrics.jsonl").exists()
 
 
 def test_grpo_evaluates_held_out_replies_with_their_own_budget(tiny_run, monkeypatch):

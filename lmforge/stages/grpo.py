@@ -9,8 +9,11 @@ most: `curriculum.CategoryCurriculum`) and samples `group_size` replies to each 
 temperature 1 (`rollout.rollout`, log-probs kept from the same pass). Each reply gets a reward
 (`rewards`: by default 1 if its final answer is right), and its advantage is its reward
 against its group's (`losses.group_advantages`, or `rloo_advantages`; without the division by
-the group's std this is Dr. GRPO). A group whose rewards are all equal carries no signal and
-is skipped (counted). The policy then takes `iterations` passes of `minibatches` optimiser
+the group's std this is Dr. GRPO). With `step_credit` > 0 the tokens that write a worked
+step's result ("48 + 30 = 78.") also get that weight times the step's truth against the
+group's rate of true steps (`losses.step_credit`): the answer's reward says that a reply went
+wrong, this says where. A group whose rewards (and step truths) are all equal carries no
+signal and is skipped (counted). The policy then takes `iterations` passes of `minibatches` optimiser
 steps over the batch, with the clipped importance ratio against the sampling policy
 (`losses.clipped_policy_loss`) and, with `kl_coef` > 0, the k3 KL to the frozen SFT model,
 aggregated per token, per reply or by a constant (`losses.masked_mean`).
@@ -38,12 +41,15 @@ KL, entropy, reply length, truncations, rollout and training seconds.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import ConfigError, GRPOConfig, RunConfig
 from lmforge.curriculum import CategoryCurriculum
@@ -59,9 +65,10 @@ from lmforge.losses import (
     k3_kl,
     masked_mean,
     rloo_advantages,
+    step_credit,
 )
 from lmforge.model import Transformer
-from lmforge.rewards import BatchReward, build_reward, verifiable_reward
+from lmforge.rewards import BatchReward, build_reward, step_results, verifiable_reward
 from lmforge.rollout import (
     RankRows,
     Rollout,
@@ -98,6 +105,34 @@ def advantages(rewards: torch.Tensor, gc: GRPOConfig) -> torch.Tensor:
     if gc.advantage == "rloo":
         return rloo_advantages(rewards)
     return group_advantages(rewards, scale=gc.scale_std)
+
+
+def step_result_tokens(
+    tokenizer: Tokenizer, rollouts: list[Rollout]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which reply tokens spell a worked step's result (`rewards.step_results`), and whether
+    that step holds: (truth, is_result), each (N, T) bool over the rollouts' tokens, T the
+    longest reply. A token that spans a result only in part counts as spelling it; a reply
+    that stops right after a result ends that number with its end token, which counts too."""
+    width = max(len(r.tokens) for r in rollouts)
+    truth = torch.zeros(len(rollouts), width, dtype=torch.bool)
+    is_result = torch.zeros(len(rollouts), width, dtype=torch.bool)
+    for n, r in enumerate(rollouts):
+        pieces = [tokenizer.decode_bytes([t]) for t in r.tokens]
+        starts = list(itertools.accumulate((len(p) for p in pieces), initial=0))  # byte offsets
+        # bytes that are not UTF-8 stay one character each, so characters map back to bytes
+        text = b"".join(pieces).decode("utf-8", "surrogateescape")
+        char_starts = list(
+            itertools.accumulate(
+                (len(c.encode("utf-8", "surrogateescape")) for c in text), initial=0
+            )
+        )
+        for begin, end, holds in step_results(text):
+            first = bisect.bisect_right(starts, char_starts[begin]) - 1
+            last = bisect.bisect_left(starts, char_starts[end]) - 1
+            is_result[n, first : last + 1] = True
+            truth[n, first : last + 1] = holds
+    return truth, is_result
 
 
 def held_out_accuracy(
@@ -149,7 +184,9 @@ def policy_update(
         with torch.no_grad():
             ref, _ = reply_logprobs(reference, batch, None, gc.temperature)
     n_rows = len(adv)
-    adv = (adv if n_rows else torch.zeros(1)).to(device)[:, None]  # (B or 1, 1)
+    adv = (adv if n_rows else torch.zeros(1)).to(device)
+    # (B or 1, 1) per reply, or (B, T) per token, padded to the batch's replies
+    adv = adv[:, None] if adv.dim() == 1 else F.pad(adv, (0, mask.size(1) - adv.size(1)))
 
     def step_loss(mine: list[int], _: int) -> tuple[torch.Tensor, dict[str, float], float]:
         # no row of this minibatch here: a loss of weight 0 through every parameter
@@ -235,9 +272,14 @@ def grpo_step(
     if gc.truncated == "penalty":
         rewards = torch.where(truncated, gc.truncation_reward, rewards)
     grid = rewards.view(len(indices), gc.group_size)
-    informative = (grid.max(1).values > grid.min(1).values).repeat_interleave(gc.group_size)
+    informative = grid.max(1).values > grid.min(1).values  # (P,)
     grid_adv = advantages(grid, gc)
     adv = grid_adv.flatten()
+    if gc.step_credit:
+        credit = step_credit(*step_result_tokens(tokenizer, rolls), gc.group_size)
+        adv = adv[:, None] + gc.step_credit * credit  # (N, T)
+        informative |= credit.view(len(indices), -1).ne(0).any(1)
+    informative = informative.repeat_interleave(gc.group_size)
     learn = informative & ~truncated if gc.truncated == "exclude" else informative
     t1 = time.perf_counter()
     chosen = [r for r, k in zip(rolls, learn.tolist()) if k]
@@ -287,9 +329,15 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, stage: str = "grpo"
     eval_path = find_input(
         run_dir, gc.eval_data, "grpo.eval_data", ["world/sft_eval_arithmetic.jsonl"]
     )
-    records, too_long = fitting(
-        read_prompts(data_path, skips), tokenizer, policy, gc.max_new_tokens
-    )
+    prompts = read_prompts(data_path, skips)
+    if "reference_steps" in gc.rewards:
+        missing = sum("step_results" not in r for r in prompts)
+        if missing:
+            raise ConfigError(
+                f"grpo.rewards: 'reference_steps' needs each prompt's 'step_results', and "
+                f"{missing} of the {len(prompts)} prompts in {data_path} have none"
+            )
+    records, too_long = fitting(prompts, tokenizer, policy, gc.max_new_tokens)
     eval_tokens = gc.eval_max_new_tokens or gc.max_new_tokens
     held, held_too_long = fitting(read_prompts(eval_path, skips), tokenizer, policy, eval_tokens)
     if not records or not held:
