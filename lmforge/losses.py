@@ -244,12 +244,13 @@ def step_credit(truth: torch.Tensor, is_result: torch.Tensor, group_size: int) -
         c_{i,t} = 0                                                       otherwise
 
     R_i are the tokens that write reply i's step results with the character ending each
-    (`rewards.step_results`), tau 1 on those of a true step and 0 on a false one. truth, is_result (B, T) with B = P * group_size replies grouped by prompt.
-    Returns (B, T); a group with no step result gets 0.
+    (`rewards.step_results`), tau 1 on those of a true step and 0 on a false one. truth and
+    is_result (B, T), B = P * group_size replies grouped by prompt. Returns (B, T); a group
+    with no step result gets 0.
     """
     truth = truth.float() * is_result
     result = is_result.float()
-    rows, width = truth.shape
+    width = truth.size(1)
     totals = truth.view(-1, group_size * width).sum(1)  # (P,)
     counts = result.view(-1, group_size * width).sum(1)
     rate = (totals / counts.clamp(min=1)).repeat_interleave(group_size)[:, None]  # (B, 1)

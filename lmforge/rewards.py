@@ -75,7 +75,9 @@ def verifiable_reward(record: dict, text: str) -> float:
     return float(got is not None and math.isclose(got, answer_value(record["answer"])))
 
 
-STEP = re.compile(r"(-?\d+(?:\.\d+)?)\s*([×x*+\-÷/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_STEP_HEAD = r"(-?\d+(?:\.\d+)?)\s*([×x*+\-÷/])\s*(-?\d+(?:\.\d+)?)\s*=\s*"  # "48 + 30 = "
+STEP = re.compile(_STEP_HEAD + r"(-?\d+(?:\.\d+)?)")
+_STEP_OPENED = re.compile(_STEP_HEAD + r"(-?\d+(?:\.\d+)?)?")  # the result may be missing
 _OPS = {
     "×": lambda a, b: a * b,
     "x": lambda a, b: a * b,
@@ -91,12 +93,6 @@ def _is_true(step: tuple[str, str, str, str]) -> bool:
     """Whether a worked step (a, op, b, c) of `STEP` holds: a op b = c."""
     a, op, b, c = step
     return math.isclose(_OPS[op](float(a), float(b)), float(c))
-
-
-# a step up to its "=", and the result if there is one
-_STEP_OPENED = re.compile(
-    r"(-?\d+(?:\.\d+)?)\s*([×x*+\-÷/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)?"
-)
 
 
 def step_results(text: str) -> list[tuple[int, int, bool]]:

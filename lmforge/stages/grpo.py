@@ -13,8 +13,8 @@ the group's std this is Dr. GRPO). With `step_credit` > 0 the tokens that write 
 step's result ("48 + 30 = 78.") also get that weight times the step's truth against the
 group's rate of true steps (`losses.step_credit`): the answer's reward says that a reply went
 wrong, this says where. A group whose rewards (and step truths) are all equal carries no
-signal and is skipped (counted). The policy then takes `iterations` passes of `minibatches` optimiser
-steps over the batch, with the clipped importance ratio against the sampling policy
+signal and is skipped (counted). The policy then takes `iterations` passes of `minibatches`
+optimiser steps over the batch, with the clipped importance ratio against the sampling policy
 (`losses.clipped_policy_loss`) and, with `kl_coef` > 0, the k3 KL to the frozen SFT model,
 aggregated per token, per reply or by a constant (`losses.masked_mean`).
 
