@@ -6,8 +6,9 @@ Measures
 - training tokens/s (forward + backward + AdamW step) and MFU against this device's
   measured matmul peak, for lmforge's `Transformer` and `LlamaForCausalLM`;
 - generation tokens/s, greedy with a KV cache, at batch 1 and batch 16, lmforge's
-  `generate` vs transformers' `generate` (every row forced to the full length), and the
-  ceiling set by the matrix products alone: a decoding step that did nothing else.
+  `generate` vs transformers' `generate` (every row forced to the full length); lmforge
+  twice: with its C++ decoding step (the default on CPU, `lmforge.model.native`) and with
+  the PyTorch step (`LMFORGE_NATIVE=0`).
 Rounds alternate between the two so that machine noise hits both alike; medians are reported,
 with the ratio lmforge / transformers (above 1 means lmforge is faster).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -26,7 +28,6 @@ from lmforge.config import ModelConfig
 from lmforge.generate import generate
 from lmforge.model import Transformer
 from lmforge.model.hf import hf_config
-from lmforge.model.transformer import Linear
 from lmforge.train_utils import autocast, autocast_dtype, measure_matmul_flops
 
 
@@ -60,11 +61,13 @@ def train_step_time(model, x, optimizer, device, amp_dtype, hf: bool) -> float:
 
 
 def generate_time(
-    model, prompts: torch.Tensor, new_tokens: int, device, hf: bool
+    model, prompts: torch.Tensor, new_tokens: int, device, engine: str
 ) -> tuple[float, list]:
+    """Seconds to generate greedily, and the tokens: engine "transformers", "lmforge" or
+    "lmforge_pytorch" (lmforge without its C++ decoding step)."""
     sync(device)
     start = time.perf_counter()
-    if hf:
+    if engine == "transformers":
         with torch.inference_mode():
             out = model.generate(
                 prompts,
@@ -78,33 +81,13 @@ def generate_time(
             )
         rows = out[:, prompts.size(1) :].tolist()
     else:
-        rows = generate(model, prompts.tolist(), new_tokens, temperature=0.0)
+        os.environ["LMFORGE_NATIVE"] = "0" if engine == "lmforge_pytorch" else "1"
+        try:
+            rows = generate(model, prompts.tolist(), new_tokens, temperature=0.0)
+        finally:
+            del os.environ["LMFORGE_NATIVE"]
     sync(device)
     return time.perf_counter() - start, rows
-
-
-def matmul_floor_seconds(
-    model: Transformer, batch: int, device: torch.device, rounds: int
-) -> float:
-    """Median time of one decoding step's matrix products alone: `batch` rows times every
-    weight matrix, in the layout decoding uses (`inference_layout`), one after another as
-    the step runs them. With nothing else in the step, decoding could go no faster."""
-    with torch.inference_mode(), model.inference_layout():
-        weights = [
-            m.weight_t if m.weight_t is not None else m.weight.t()
-            for m in model.modules()
-            if isinstance(m, Linear)
-        ]
-        inputs = {w.size(0): torch.randn(batch, w.size(0), device=device) for w in weights}
-        times = []
-        for _ in range(rounds + 1):  # the first round warms up
-            sync(device)
-            start = time.perf_counter()
-            for w in weights:
-                inputs[w.size(0)] @ w
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -168,33 +151,27 @@ def main() -> None:
     theirs.load_state_dict(ours.state_dict())  # training moved each copy its own way
     ours.eval()
     theirs.eval()
+    engines = {"lmforge": ours, "lmforge_pytorch": ours, "transformers": theirs}
     for batch in (1, 16):
-        floor = matmul_floor_seconds(ours, batch, device, args.rounds)
-        results[f"gen_b{batch}_matmul_floor_tok_s"] = round(batch / floor, 1)
         prompts = torch.randint(0, cfg.vocab_size, (batch, 16), device=device)
-        gen_times: dict[str, list[float]] = {"lmforge": [], "transformers": []}
+        gen_times: dict[str, list[float]] = {name: [] for name in engines}
         outputs = {}
-        for name in models:  # warm-up
-            generate_time(models[name], prompts, 4, device, name == "transformers")
+        for name, model in engines.items():  # warm-up (and the C++ step's build)
+            generate_time(model, prompts, 4, device, name)
         for _ in range(args.rounds):
-            for name in models:
-                t, outputs[name] = generate_time(
-                    models[name], prompts, args.new_tokens, device, name == "transformers"
-                )
+            for name, model in engines.items():
+                t, outputs[name] = generate_time(model, prompts, args.new_tokens, device, name)
                 gen_times[name].append(t)
-        for name in models:
+        for name in engines:
             tok_s = batch * args.new_tokens / statistics.median(gen_times[name])
             results[f"gen_b{batch}_tok_s_{name}"] = round(tok_s, 1)
-        results[f"gen_b{batch}_ratio"] = round(
-            results[f"gen_b{batch}_tok_s_lmforge"] / results[f"gen_b{batch}_tok_s_transformers"], 3
-        )
-        # the best ratio any lmforge engine could reach with these matrix products
-        results[f"gen_b{batch}_floor_ratio"] = round(
-            results[f"gen_b{batch}_matmul_floor_tok_s"]
-            / results[f"gen_b{batch}_tok_s_transformers"],
-            3,
-        )
-        results[f"gen_b{batch}_same_tokens"] = str(outputs["lmforge"] == outputs["transformers"])
+        for name in ("lmforge", "lmforge_pytorch"):
+            ratio = (
+                results[f"gen_b{batch}_tok_s_{name}"] / results[f"gen_b{batch}_tok_s_transformers"]
+            )
+            results[f"gen_b{batch}_ratio_{name}"] = round(ratio, 3)
+        same = outputs["lmforge"] == outputs["lmforge_pytorch"] == outputs["transformers"]
+        results[f"gen_b{batch}_same_tokens"] = str(same)
 
     for key, value in results.items():
         print(f"{key:32s} {value}")

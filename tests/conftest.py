@@ -4,12 +4,13 @@ templates of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tokenizers import pre_tokenizers, trainers
 
 from lmforge.config import ModelConfig, WorldConfig
 from lmforge.io import save_model_dir
-from lmforge.model import Transformer
+from lmforge.model import Transformer, native
 from lmforge.tokenizer import Tokenizer, build_untrained, train_tokenizer
 from lmforge.world import build_world
 
@@ -167,6 +168,33 @@ def make_model(make_model_config):
         return Transformer(make_model_config(**overrides)).eval()
 
     return make
+
+
+@contextlib.contextmanager
+def rows_per_call(model: Transformer) -> Iterator[list[int]]:
+    """Within this block, a list of the rows of every model call of a generation (the
+    prefill, then each decoding step, whichever step computes it: PyTorch's or the C++ one)."""
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    step = native.NativeStep.__call__
+
+    def counted(self, tokens, *args):
+        rows.append(len(tokens))
+        return step(self, tokens, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.NativeStep, "__call__", counted)
+        try:
+            yield rows
+        finally:
+            hook.remove()
+
+
+@pytest.fixture
+def count_rows():
+    """`with count_rows(model) as rows:` rows gets the rows of each model call (see
+    rows_per_call)."""
+    return rows_per_call
 
 
 @pytest.fixture(scope="session")

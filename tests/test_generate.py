@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from lmforge.generate import decode_steps, generate, invert_cdf, sample_completions, sample_next
+from lmforge.model import native
 
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 26], [42], [7, 7, 8, 100, 2]]
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def engine(request, monkeypatch):
+    """Every test runs with each decoding step: the C++ one (`lmforge.model.native`) and
+    PyTorch's (the reference without a cache is always PyTorch's)."""
+    if request.param == "native" and native.library() is None:
+        pytest.skip("the C++ decoding step could not be built here (no C++ compiler)")
+    monkeypatch.setenv("LMFORGE_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -190,17 +201,13 @@ def test_a_row_with_its_own_seed_draws_the_same_whatever_else_is_in_the_batch(mo
         generate(model, PROMPTS, 3, seed=[1, 2])
 
 
-def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model):
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model, count_rows):
     prompts = PROMPTS + PROMPTS[::-1]
     budgets, seeds = [2, 9, 3, 8, 4, 7, 5, 6], [21, 22, 23, 24, 25, 26, 27, 28]
-    rows_per_call = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
-    try:
+    with count_rows(model) as rows_per_call:
         steps = list(
             decode_steps(model, prompts, budgets, seed=seeds, pad_id=3, with_logprobs=True)
         )
-    finally:
-        hook.remove()
     # the prefill computes the 4 distinct prompts; then the batch shrinks as rows spend their
     # budgets: 8 rows, then fewer, down to the one with the largest budget
     assert len(steps) == 9 and rows_per_call[0] == 4
@@ -223,23 +230,19 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_alone(model):
     assert last[1] < 0 and last[:1] + last[2:] == [0.0] * 7
 
 
-def test_abandoned_rows_leave_the_batch_and_the_others_decode_on_unchanged(model):
+def test_abandoned_rows_leave_the_batch_and_the_others_decode_on_unchanged(model, count_rows):
     """Rows the caller gives up on while a step is yielded (`abandoned`: a stop text, a client
     gone) are finished from the next step on and leave the batch; the others draw the tokens
     they draw without it."""
     prompts, seeds = PROMPTS, [31, 32, 33, 34]
     whole = sample_completions(model, prompts, 10, seed=seeds, pad_id=3)
-    rows_per_call = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
     abandoned = torch.zeros(4, dtype=torch.bool)
     steps = []
-    try:
+    with count_rows(model) as rows_per_call:
         for step in decode_steps(model, prompts, 10, seed=seeds, pad_id=3, abandoned=abandoned):
             steps.append(step)
             if step.index == 2:
                 abandoned[[0, 2]] = True
-    finally:
-        hook.remove()
     assert len(steps) == 10
     # the prefill (step 0) and steps 1 and 2 of all 4 rows (rows 0 and 2 are given up while
     # step 2 is yielded), then steps 3-9 of the two others alone

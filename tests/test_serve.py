@@ -127,7 +127,7 @@ def test_engine_stop_text_cuts_the_answer(served_model):
     engine.close()
 
 
-def test_a_cancelled_request_leaves_the_batch_and_the_other_decodes_on(served_model):
+def test_a_cancelled_request_leaves_the_batch_and_the_other_decodes_on(served_model, count_rows):
     """A request whose client hangs up mid-batch stops costing compute: its row leaves the
     batch at the next step, and the other request's answer is what it is alone."""
     model, tok = load_model_dir(served_model)
@@ -149,12 +149,8 @@ def test_a_cancelled_request_leaves_the_batch_and_the_other_decodes_on(served_mo
         box: list = []
         box.append(Request(prompt, 1, 16, Sampling(temperature=0.0), emit(i, box)))
         requests.append(box[0])
-    rows_per_call = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_per_call.append(len(o)))
-    try:
+    with count_rows(model) as rows_per_call:
         engine._decode(requests)
-    finally:
-        hook.remove()
     alone = generate(model, [prompts[1]], 16, temperature=0.0, stop_ids=engine.stop_ids)[0]
     (end,) = [e for e in events[1] if e.finish_reason]
     assert end.text == tok.decode(alone, skip_special=True)

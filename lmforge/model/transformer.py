@@ -51,7 +51,9 @@ class Linear(nn.Linear):
     Decoding multiplies one row per sequence by every weight; on CPUs, MKL's product with
     the (out, in) weight of nn.Linear runs ~1.6x slower than `x @ weight_t` with weight_t
     stored (in, out). `Transformer.inference_layout()` makes those copies for the length of
-    a `generate` call; parameters, gradients and the state dict are untouched.
+    a `generate` call that decodes in PyTorch (float32 CPU decoding runs the C++ step of
+    `lmforge.model.native`, which needs no copies); parameters, gradients and the state dict
+    are untouched.
 
     With `matmul_dtype` (`Transformer.matmuls_in`), input and weight are rounded to it for
     the product and the result returned in the input's dtype: bf16 products with float32
