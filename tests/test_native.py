@@ -3,6 +3,7 @@ on shapes that take each of its paths, and its build: cached, and a fallback whe
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 
 import pytest
@@ -123,6 +124,28 @@ def test_a_rows_logits_do_not_depend_on_the_batch_or_the_threads(make_model, nam
 
 
 @needs_native
+def test_bad_tokens_positions_or_caches_are_refused_before_anything_is_written(make_model):
+    model = make_model()  # vocab 300, max_seq_len 64
+    step = native.NativeStep.of(model)
+    cache = KVCache.empty(model.cfg, 2, 8, "cpu", torch.float32)
+    with torch.inference_mode():
+        model.hidden_states(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+        before = cache.k.clone()
+        for tokens, positions, match in [
+            ([1, 300], [2, 2], "outside the vocabulary"),
+            ([-1, 5], [2, 2], "outside the vocabulary"),
+            ([1, 5], [2, 64], "past max_seq_len"),
+            ([1, 5, 6], [2, 2, 2], "rows"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                step(torch.tensor(tokens), torch.tensor(positions), None, cache)
+            assert cache.length == 2 and torch.equal(cache.k, before)
+        cache.length = 8  # full
+        with pytest.raises(ValueError, match="free positions"):
+            step(torch.tensor([1, 5]), torch.tensor([8, 8]), None, cache)
+
+
+@needs_native
 def test_sampling_draws_the_same_tokens_with_either_step(make_model, monkeypatch):
     model = shaped_model(make_model, "qwen-like")
     prompts = [[5, 17, 9], [3, 1, 4, 1, 5, 9, 26], [42], [5, 17, 9]]
@@ -193,4 +216,24 @@ def test_no_compiler_warns_and_decoding_runs_in_pytorch(fresh_build, monkeypatch
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ nor c++ on it
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert native.library() is None
+
+
+def test_an_unwritable_cache_directory_warns_and_decoding_runs_in_pytorch(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LMFORGE_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="no C\\+\\+ decoding step"):
+        assert native.library() is None
+
+
+@needs_native
+def test_a_library_that_does_not_match_the_structs_is_not_used(fresh_build, monkeypatch):
+    # as when decode_step.cpp is edited after native.py was imported: the library's Model
+    # has other fields than the ctypes one, and a step would read garbage pointers
+    class Longer(ctypes.Structure):
+        _fields_ = [*native._Model._fields_, ("extra", ctypes.c_int64)]
+
+    monkeypatch.setattr(native, "_Model", Longer)
+    with pytest.warns(UserWarning, match="does not match"):
         assert native.library() is None

@@ -44,7 +44,7 @@ struct Layer {
 };
 
 struct Model {
-  int32_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
+  int32_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, max_positions;
   float norm_eps;
   const float *embed, *final_norm, *lm_head;  // (V, C) both
   const float *rope_cos, *rope_sin;           // (max_seq_len, D)
@@ -255,6 +255,13 @@ static void attend(const float* q, const float* keys, const float* values, const
 
 extern "C" {
 
+// The sizes of the structs as compiled, which native.py checks against its own ctypes
+// layout before it trusts the library with a pointer.
+void lmforge_struct_sizes(int64_t* model, int64_t* layer) {
+  *model = sizeof(Model);
+  *layer = sizeof(Layer);
+}
+
 // Floats of scratch memory a step needs for B rows and up to S keys.
 int64_t lmforge_workspace_floats(const Model* m, int B, int S) {
   int64_t C = m->dim, QD = (int64_t)m->n_heads * m->head_dim;
@@ -266,10 +273,15 @@ int64_t lmforge_workspace_floats(const Model* m, int B, int S) {
 // tokens (B): each row's new token; positions (B): its rotary position; valid (B, S) with
 // row stride valid_stride, nonzero where a key is a real token (null: all are); k_cache and
 // v_cache (L, B, K, S_max, D) hold S - 1 positions and get the new one at S - 1; logits
-// (B, V) out; work: lmforge_workspace_floats(m, B, S) floats.
-void lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int64_t* positions,
+// (B, V) out; work: lmforge_workspace_floats(m, B, S) floats. Returns 0; or, having
+// computed nothing, 1 for a token outside the vocabulary, 2 for a position past the tables.
+int lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int64_t* positions,
                          const uint8_t* valid, int64_t valid_stride, int S, float* k_cache,
                          float* v_cache, int64_t S_max, float* logits, float* work) {
+  for (int b = 0; b < B; ++b) {
+    if (tokens[b] < 0 || tokens[b] >= m->vocab) return 1;
+    if (positions[b] < 0 || positions[b] >= m->max_positions) return 2;
+  }
   const int C = m->dim, H = m->n_heads, K = m->n_kv_heads, D = m->head_dim, F = m->ffn_dim;
   const int QD = H * D, KD = K * D, group = H / K;
   float* x = work;             // (B, C) the residual stream
@@ -353,6 +365,7 @@ void lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int
 #pragma omp barrier
     product(h, m->lm_head, logits, B, C, m->vocab);
   }
+  return 0;
 }
 
 }  // extern "C"

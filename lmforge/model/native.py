@@ -27,41 +27,46 @@ SOURCE = Path(__file__).with_name("decode_step.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
+_pointer, _int = ctypes.c_void_p, ctypes.c_int32
+
+
 class _Layer(ctypes.Structure):
+    """decode_step.cpp's Layer: where one layer's weights are (a missing bias: null)."""
+
     _fields_ = [
-        (name, ctypes.c_void_p)
-        for name in (
-            [
-                "input_norm",
-                "q",
-                "k",
-                "v",
-                "q_bias",
-                "k_bias",
-                "v_bias",
-                "o",
-                "post_attention_norm",
-                "gate",
-                "up",
-                "down",
-            ]
-        )
+        ("input_norm", _pointer),
+        ("q", _pointer),
+        ("k", _pointer),
+        ("v", _pointer),
+        ("q_bias", _pointer),
+        ("k_bias", _pointer),
+        ("v_bias", _pointer),
+        ("o", _pointer),
+        ("post_attention_norm", _pointer),
+        ("gate", _pointer),
+        ("up", _pointer),
+        ("down", _pointer),
     ]
 
 
 class _Model(ctypes.Structure):
+    """decode_step.cpp's Model: the shapes, and where the other weights are."""
+
     _fields_ = [
-        *(
-            (name, ctypes.c_int32)
-            for name in ["dim", "n_layers", "n_heads", "n_kv_heads", "head_dim"]
-        ),
-        ("ffn_dim", ctypes.c_int32),
-        ("vocab", ctypes.c_int32),
+        ("dim", _int),
+        ("n_layers", _int),
+        ("n_heads", _int),
+        ("n_kv_heads", _int),
+        ("head_dim", _int),
+        ("ffn_dim", _int),
+        ("vocab", _int),
+        ("max_positions", _int),
         ("norm_eps", ctypes.c_float),
-        *(
-            (name, ctypes.c_void_p)
-            for name in ["embed", "final_norm", "lm_head", "rope_cos", "rope_sin"]
-        ),
+        ("embed", _pointer),
+        ("final_norm", _pointer),
+        ("lm_head", _pointer),
+        ("rope_cos", _pointer),
+        ("rope_sin", _pointer),
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -86,6 +91,7 @@ def library() -> ctypes.CDLL | None:
 
 @cache
 def _build() -> ctypes.CDLL | None:
+    """Compile the library into the cache directory unless it is there, and load it."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         warnings.warn("lmforge: no C++ compiler found; decoding runs in PyTorch", stacklevel=2)
@@ -96,25 +102,39 @@ def _build() -> ctypes.CDLL | None:
     ).hexdigest()[:16]
     cache_dir = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
     built = cache_dir / "native" / f"decode_step-{key}.so"
-    if not built.exists():
-        built.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
-            out = Path(tmp) / built.name
-            result = subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True
-            )
-            if result.returncode != 0:
-                warnings.warn(
-                    f"lmforge: building {SOURCE.name} failed, decoding runs in PyTorch:\n"
-                    f"{result.stderr[-2000:]}",
-                    stacklevel=2,
+    try:
+        if not built.exists():
+            built.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
+                out = Path(tmp) / built.name
+                result = subprocess.run(
+                    [compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True
                 )
-                return None
-            os.replace(out, built)  # atomic: another process never loads half a library
-    lib = ctypes.CDLL(str(built))
+                if result.returncode != 0:
+                    warnings.warn(
+                        f"lmforge: building {SOURCE.name} failed, decoding runs in PyTorch:\n"
+                        f"{result.stderr[-2000:]}",
+                        stacklevel=2,
+                    )
+                    return None
+                os.replace(out, built)  # atomic: another process never loads half a library
+        lib = ctypes.CDLL(str(built))
+    except OSError as error:  # an unwritable cache directory, a library that does not load
+        warnings.warn(
+            f"lmforge: no C++ decoding step ({error}); decoding runs in PyTorch", stacklevel=2
+        )
+        return None
+    model_size, layer_size = ctypes.c_int64(), ctypes.c_int64()
+    lib.lmforge_struct_sizes(ctypes.byref(model_size), ctypes.byref(layer_size))
+    if (model_size.value, layer_size.value) != (ctypes.sizeof(_Model), ctypes.sizeof(_Layer)):
+        # a source edited after this module was imported: a step would read garbage pointers
+        warnings.warn(
+            f"lmforge: {built} does not match native.py; decoding runs in PyTorch", stacklevel=2
+        )
+        return None
     lib.lmforge_workspace_floats.restype = ctypes.c_int64
     lib.lmforge_workspace_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
-    lib.lmforge_decode_step.restype = None
+    lib.lmforge_decode_step.restype = ctypes.c_int
     lib.lmforge_decode_step.argtypes = [
         ctypes.POINTER(_Model),
         ctypes.c_int,
@@ -139,6 +159,7 @@ class NativeStep:
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
         cfg = model.cfg
         self.lib = lib
+        self.owner = model  # the library is handed pointers into its tensors: keep them alive
 
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
@@ -169,6 +190,7 @@ class NativeStep:
             cfg.dim // cfg.n_heads,
             cfg.ffn_dim,
             cfg.vocab_size,
+            cfg.max_seq_len,
             cfg.norm_eps,
             ptr(model.model.embed_tokens.weight),
             ptr(model.model.norm.weight),
@@ -189,7 +211,6 @@ class NativeStep:
             all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
             and all(p.is_contiguous() for p in params)
             and all(type(m) is Linear and m.matmul_dtype is None for m in linears)
-            and (model.cfg.dim // model.cfg.n_heads) % 2 == 0
         )
         lib = library() if applies else None
         return cls(model, lib) if lib is not None else None
@@ -205,17 +226,29 @@ class NativeStep:
         0..cache.length that are real where valid (B, >= cache.length + 1) holds (None: all);
         the new keys and values go into the cache, whose length grows by one."""
         B, S = tokens.size(0), cache.length + 1
-        if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+        # the C++ side reads and writes where these say, unchecked: check them here
+        if cache.k.dtype != torch.float32 or not (
+            cache.k.is_contiguous() and cache.v.is_contiguous()
+        ):
             raise ValueError("native decoding needs a contiguous float32 KV cache")
-        tokens = tokens.contiguous()
-        positions = positions.contiguous()
+        if cache.k.size(1) != B or cache.k.size(3) < S or positions.shape != (B,):
+            raise ValueError(
+                f"native decoding: {B} tokens and {tuple(positions.shape)} positions for a cache "
+                f"of {cache.k.size(1)} rows with {cache.k.size(3) - cache.length} free positions"
+            )
+        if valid is not None and (
+            valid.dtype != torch.bool or valid.shape[0] != B or valid.size(1) < S
+        ):
+            raise ValueError(f"native decoding: valid must be ({B}, >= {S}) bool")
+        tokens = tokens.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
         need = self.lib.lmforge_workspace_floats(ctypes.byref(self.model), B, S)
         if self.work.numel() < need:
             self.work = torch.empty(need)
         logits = torch.empty(B, self.vocab)
         if valid is not None:
             valid = valid.contiguous()
-        self.lib.lmforge_decode_step(
+        error = self.lib.lmforge_decode_step(
             ctypes.byref(self.model),
             B,
             tokens.data_ptr(),
@@ -229,5 +262,8 @@ class NativeStep:
             logits.data_ptr(),
             self.work.data_ptr(),
         )
+        if error:
+            what = "token id outside the vocabulary" if error == 1 else "position past max_seq_len"
+            raise ValueError(f"native decoding: a {what} (nothing was computed)")
         cache.length += 1
         return logits
