@@ -8,7 +8,7 @@ Measures
 - generation tokens/s, greedy with a KV cache, at batch 1 and batch 16, lmforge's
   `generate` vs transformers' `generate` (every row forced to the full length); lmforge
   twice: with its C++ decoding step (the default on CPU, `lmforge.model.native`) and with
-  the PyTorch step (`LMFORGE_NATIVE=0`).
+  the PyTorch step (`LMFORGE_NATIVE=0`); and one decoding step alone, through each.
 Rounds alternate between the two so that machine noise hits both alike; medians are reported,
 with the ratio lmforge / transformers (above 1 means lmforge is faster).
 """
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
-from lmforge.model import Transformer
+from lmforge.model import KVCache, Transformer
 from lmforge.model.hf import hf_config
+from lmforge.model.native import NativeStep
 from lmforge.train_utils import autocast, autocast_dtype, measure_matmul_flops
 
 
@@ -88,6 +89,34 @@ def generate_time(
             del os.environ["LMFORGE_NATIVE"]
     sync(device)
     return time.perf_counter() - start, rows
+
+
+def step_seconds(model: Transformer, batch: int, rounds: int) -> dict[str, float]:
+    """Median seconds of one decoding step alone, C++ ("native") and PyTorch's ("pytorch"),
+    by turns on one cache holding 48 positions (each round rewinds it): `batch` rows of one
+    new token, the logits out."""
+    cfg = model.cfg
+    prompts = torch.randint(0, cfg.vocab_size, (batch, 48))
+    tokens = torch.randint(0, cfg.vocab_size, (batch,))
+    cache = KVCache.empty(cfg, batch, 49, "cpu", torch.float32)
+    native_step = NativeStep.of(model)
+    if native_step is None:
+        return {}
+    times: dict[str, list[float]] = {"native": [], "pytorch": []}
+    # PyTorch's step with its weight copies made, once, as generate makes them once a call
+    with torch.inference_mode(), model.inference_layout():
+        model.hidden_states(prompts, cache=cache)
+        for _ in range(rounds + 1):  # the first round warms up
+            for name in times:
+                start = time.perf_counter()
+                for _ in range(20):
+                    cache.length = 48
+                    if name == "native":
+                        native_step(tokens, torch.full((batch,), 48), None, cache)
+                    else:
+                        model.lm_head(model.hidden_states(tokens[:, None], cache=cache)[:, -1])
+                times[name].append((time.perf_counter() - start) / 20)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def main() -> None:
@@ -172,6 +201,9 @@ def main() -> None:
             results[f"gen_b{batch}_ratio_{name}"] = round(ratio, 3)
         same = outputs["lmforge"] == outputs["lmforge_pytorch"] == outputs["transformers"]
         results[f"gen_b{batch}_same_tokens"] = str(same)
+        if device.type == "cpu":
+            for name, seconds in step_seconds(ours, batch, args.rounds * 3).items():
+                results[f"gen_b{batch}_step_ms_{name}"] = round(seconds * 1e3, 3)
 
     for key, value in results.items():
         print(f"{key:32s} {value}")

@@ -91,7 +91,7 @@ __attribute__((always_inline)) static inline vec sum_each(const vec* a) {
 // LANES dot products, K a multiple of LANES): each vector of weights loaded serves MR rows.
 template <int MR, int NR>
 __attribute__((always_inline)) static inline void tile(const float* x, const float* w, float* y,
-                                                       int m0, int n0, int K, int N) {
+                                                       int m0, int n0, int K, int N, bool add) {
   static_assert(MR * NR <= LANES, "one accumulator per lane of the sums");
   vec acc[LANES] = {};
   for (int k = 0; k < K; k += LANES) {
@@ -104,42 +104,55 @@ __attribute__((always_inline)) static inline void tile(const float* x, const flo
   }
   vec sums = sum_each(acc);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[(int64_t)(m0 + i) * N + n0 + j] = sums[i * NR + j];
+    for (int j = 0; j < NR; ++j) {
+      float* out = y + (int64_t)(m0 + i) * N + n0 + j;
+      *out = add ? *out + sums[i * NR + j] : sums[i * NR + j];
+    }
 }
 
 // y[:, n0:n0 + NR] for all M rows: the NR weight rows are read from memory once, for the
 // first tile, and from cache for the others.
 template <int NR>
-static void weight_rows(const float* x, const float* w, float* y, int M, int n0, int K, int N) {
+static void weight_rows(const float* x, const float* w, float* y, int M, int n0, int K, int N,
+                        bool add) {
   int m = 0;
-  for (; m + LANES / NR <= M; m += LANES / NR) tile<LANES / NR, NR>(x, w, y, m, n0, K, N);
-  for (; m < M; ++m) tile<1, NR>(x, w, y, m, n0, K, N);
+  for (; m + LANES / NR <= M; m += LANES / NR) tile<LANES / NR, NR>(x, w, y, m, n0, K, N, add);
+  for (; m < M; ++m) tile<1, NR>(x, w, y, m, n0, K, N, add);
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T (w in nn.Linear's layout), this thread's share of the
-// weight rows; no barrier.
-static void product(const float* x, const float* w, float* y, int M, int K, int N) {
+// This thread's share [n0, n1) of N outputs, in whole blocks of LANES (the last thread also
+// takes what is left over): the same for every product of N outputs.
+static inline void columns(int N, int* n0, int* n1) {
   int threads = omp_get_num_threads(), t = omp_get_thread_num();
-  // shares in whole blocks of LANES weight rows; the last thread also takes what is left
-  int n0 = N / LANES * t / threads * LANES;
-  int n1 = t == threads - 1 ? N : N / LANES * (t + 1) / threads * LANES;
+  *n0 = N / LANES * t / threads * LANES;
+  *n1 = t == threads - 1 ? N : N / LANES * (t + 1) / threads * LANES;
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T (w in nn.Linear's layout), or y += that with `add` (the
+// residual stream), for this thread's share of the outputs (`columns`); no barrier.
+static void product(const float* x, const float* w, float* y, int M, int K, int N,
+                    bool add = false) {
+  int n0, n1;
+  columns(N, &n0, &n1);
   int n = n0;
   if (K % LANES == 0) {
     // tiles of LANES dot products (1 row x LANES weight rows, or 2 x LANES / 2), then one at
     // a time; every dot product is summed in the same order, so that a row's result
     // depends neither on the batch's size nor on the number of threads
     if (M == 1)
-      for (; n + LANES <= n1; n += LANES) weight_rows<LANES>(x, w, y, M, n, K, N);
+      for (; n + LANES <= n1; n += LANES) weight_rows<LANES>(x, w, y, M, n, K, N, add);
     else
-      for (; n + LANES / 2 <= n1; n += LANES / 2) weight_rows<LANES / 2>(x, w, y, M, n, K, N);
-    for (; n < n1; ++n) weight_rows<1>(x, w, y, M, n, K, N);
+      for (; n + LANES / 2 <= n1; n += LANES / 2)
+        weight_rows<LANES / 2>(x, w, y, M, n, K, N, add);
+    for (; n < n1; ++n) weight_rows<1>(x, w, y, M, n, K, N, add);
     return;
   }
   for (; n < n1; ++n)
     for (int m = 0; m < M; ++m) {
       float s = 0.f;
       for (int k = 0; k < K; ++k) s += x[(int64_t)m * K + k] * w[(int64_t)n * K + k];
-      y[(int64_t)m * N + n] = s;
+      float* out = y + (int64_t)m * N + n;
+      *out = add ? *out + s : s;
     }
 }
 
@@ -197,15 +210,21 @@ static inline float sum_lanes(vec a) {
   return sum_each(all)[0];
 }
 
-// gate[i] = silu(gate[i]) * up[i] for i < n, through exp_lanes however n falls
-static void silu_times(float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; i += LANES) {
-    int64_t width = n - i < LANES ? n - i : LANES;
-    vec g = {}, u = {};
-    for (int64_t j = 0; j < width; ++j) g[j] = gate[i + j], u[j] = up[i + j];
-    vec y = g / (1.f + exp_lanes(-g)) * u;
-    for (int64_t j = 0; j < width; ++j) gate[i + j] = y[j];
-  }
+// gate[m, n] = silu(gate[m, n]) * up[m, n] for this thread's share of the N columns (the
+// share its products wrote: no barrier), through exp_lanes however the share falls
+static void silu_times(float* gate, const float* up, int M, int N) {
+  int n0, n1;
+  columns(N, &n0, &n1);
+  for (int m = 0; m < M; ++m)
+    for (int n = n0; n < n1; n += LANES) {
+      int width = n1 - n < LANES ? n1 - n : LANES;
+      float* g_row = gate + (int64_t)m * N + n;
+      const float* u_row = up + (int64_t)m * N + n;
+      vec g = {}, u = {};
+      for (int j = 0; j < width; ++j) g[j] = g_row[j], u[j] = u_row[j];
+      vec y = g / (1.f + exp_lanes(-g)) * u;
+      for (int j = 0; j < width; ++j) g_row[j] = y[j];
+    }
 }
 
 // One head's attention: softmax(q . keys / sqrt(D)) @ values, for q (D), keys and values
@@ -214,8 +233,12 @@ static void silu_times(float* gate, const float* up, int64_t n) {
 static void attend(const float* q, const float* keys, const float* values, const uint8_t* real,
                    int S, int D, float* scores, float* out) {
   int s = 0;
-  if (D % LANES == 0)  // LANES keys at once: the keys are a weight matrix's rows to q
-    for (; s + LANES <= S; s += LANES) tile<1, LANES>(q, keys, scores, 0, s, D, S);
+  if (D % LANES == 0) {  // the keys as a weight matrix's rows to q: LANES at once, then fewer
+    for (; s + LANES <= S; s += LANES) tile<1, LANES>(q, keys, scores, 0, s, D, S, false);
+    for (; s + LANES / 2 <= S; s += LANES / 2)
+      tile<1, LANES / 2>(q, keys, scores, 0, s, D, S, false);
+    for (; s + 2 <= S; s += 2) tile<1, 2>(q, keys, scores, 0, s, D, S, false);
+  }
   for (; s < S; ++s) {
     float dot = 0.f;
     for (int i = 0; i < D; ++i) dot += q[i] * keys[(int64_t)s * D + i];
@@ -342,23 +365,15 @@ int lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int6
                att + (int64_t)b * QD + head * D);
       }
 #pragma omp barrier
-      product(att, L.o, h, B, QD, C);
-#pragma omp barrier
-      share(B * C, &u0, &u1);
-      for (int i = u0; i < u1; ++i) x[i] += h[i];
+      product(att, L.o, x, B, QD, C, /*add=*/true);  // x += attention's output
 #pragma omp barrier
       rms_norm(x, L.post_attention_norm, h, B, C, m->norm_eps);
 #pragma omp barrier
       product(h, L.gate, gate, B, C, F);
       product(h, L.up, up, B, C, F);
+      silu_times(gate, up, B, F);
 #pragma omp barrier
-      share(B, &u0, &u1);
-      silu_times(gate + (int64_t)u0 * F, up + (int64_t)u0 * F, (int64_t)(u1 - u0) * F);
-#pragma omp barrier
-      product(gate, L.down, h, B, F, C);
-#pragma omp barrier
-      share(B * C, &u0, &u1);
-      for (int i = u0; i < u1; ++i) x[i] += h[i];
+      product(gate, L.down, x, B, F, C, /*add=*/true);  // x += the feed-forward's output
 #pragma omp barrier
     }
     rms_norm(x, m->final_norm, h, B, C, m->norm_eps);

@@ -1,10 +1,10 @@
 """The decoding step in C++ (`decode_step.cpp`), for float32 models on the CPU.
 
-`NativeStep.of(model)` gives a step function for a model, or None where the C++ step does not apply (a GPU, other dtypes, LoRA adapters) or cannot be
-built (no C++ compiler); `generate` then runs the PyTorch step, which computes the same
-logits up to float32 rounding. The library is compiled once per source, compiler and
-CPU into `$LMFORGE_CACHE` (default ~/.cache/lmforge), in a few seconds;
-`LMFORGE_NATIVE=0` turns it off.
+`NativeStep.of(model)` gives a step function for a model, or None where the C++ step does
+not apply (a GPU, other dtypes, LoRA adapters) or cannot be built (no C++ compiler);
+`generate` then runs the PyTorch step, which computes the same logits up to float32
+rounding. The library is compiled once per source, compiler and CPU into `$LMFORGE_CACHE`
+(default ~/.cache/lmforge), in about 2 s; `LMFORGE_NATIVE=0` turns it off.
 """
 
 from __future__ import annotations
