@@ -140,6 +140,9 @@ def test_bad_tokens_positions_or_caches_are_refused_before_anything_is_written(m
             with pytest.raises(ValueError, match=match):
                 step(torch.tensor(tokens), torch.tensor(positions), None, cache)
             assert cache.length == 2 and torch.equal(cache.k, before)
+        other = KVCache.empty(make_model(n_layers=3).cfg, 2, 8, "cpu", torch.float32)
+        with pytest.raises(ValueError, match="this model's"):
+            step(torch.tensor([1, 5]), torch.tensor([0, 0]), None, other)
         cache.length = 8  # full
         with pytest.raises(ValueError, match="free positions"):
             step(torch.tensor([1, 5]), torch.tensor([8, 8]), None, cache)

@@ -200,6 +200,7 @@ class NativeStep:
             self._layers,
         )
         self.vocab = cfg.vocab_size
+        self.cache_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.dim // cfg.n_heads)  # L, K, D
         self.work = torch.empty(0)
 
     @classmethod
@@ -227,10 +228,16 @@ class NativeStep:
         the new keys and values go into the cache, whose length grows by one."""
         B, S = tokens.size(0), cache.length + 1
         # the C++ side reads and writes where these say, unchecked: check them here
-        if cache.k.dtype != torch.float32 or not (
-            cache.k.is_contiguous() and cache.v.is_contiguous()
+        if (
+            cache.k.dtype != torch.float32
+            or not (cache.k.is_contiguous() and cache.v.is_contiguous())
+            or cache.v.shape != cache.k.shape
+            or cache.k.shape[0::2] != self.cache_shape
         ):
-            raise ValueError("native decoding needs a contiguous float32 KV cache")
+            raise ValueError(
+                f"native decoding needs a contiguous float32 KV cache of this model's "
+                f"(layers, kv heads, head dim) {self.cache_shape}"
+            )
         if cache.k.size(1) != B or cache.k.size(3) < S or positions.shape != (B,):
             raise ValueError(
                 f"native decoding: {B} tokens and {tuple(positions.shape)} positions for a cache "
