@@ -128,22 +128,19 @@ static inline void columns(int N, int* n0, int* n1) {
   *n1 = t == threads - 1 ? N : N / LANES * (t + 1) / threads * LANES;
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T (w in nn.Linear's layout), or y += that with `add` (the
-// residual stream), for this thread's share of the outputs (`columns`); no barrier.
-static void product(const float* x, const float* w, float* y, int M, int K, int N,
-                    bool add = false) {
-  int n0, n1;
-  columns(N, &n0, &n1);
+// y[:, n0:n1] = x (M, K) @ w[n0:n1] (w (N, K) in nn.Linear's layout), or y += that with
+// `add` (the residual stream), on the calling thread alone.
+static void rows_of(const float* x, const float* w, float* y, int M, int K, int N, int n0,
+                    int n1, bool add) {
   int n = n0;
   if (K % LANES == 0) {
-    // tiles of LANES dot products (1 row x LANES weight rows, or 2 x LANES / 2), then one at
-    // a time; every dot product is summed in the same order, so that a row's result
-    // depends neither on the batch's size nor on the number of threads
+    // tiles of LANES dot products (1 row x LANES weight rows, or 2 x LANES / 2), then smaller
+    // ones for what is left; every dot product is summed in the same order whatever its
+    // tile, so that a row's result depends neither on the batch's size nor on the threads
     if (M == 1)
       for (; n + LANES <= n1; n += LANES) weight_rows<LANES>(x, w, y, M, n, K, N, add);
-    else
-      for (; n + LANES / 2 <= n1; n += LANES / 2)
-        weight_rows<LANES / 2>(x, w, y, M, n, K, N, add);
+    for (; n + LANES / 2 <= n1; n += LANES / 2) weight_rows<LANES / 2>(x, w, y, M, n, K, N, add);
+    for (; n + 2 <= n1; n += 2) weight_rows<2>(x, w, y, M, n, K, N, add);
     for (; n < n1; ++n) weight_rows<1>(x, w, y, M, n, K, N, add);
     return;
   }
@@ -154,6 +151,14 @@ static void product(const float* x, const float* w, float* y, int M, int K, int 
       float* out = y + (int64_t)m * N + n;
       *out = add ? *out + s : s;
     }
+}
+
+// rows_of for this thread's share of the N outputs (`columns`); no barrier.
+static void product(const float* x, const float* w, float* y, int M, int K, int N,
+                    bool add = false) {
+  int n0, n1;
+  columns(N, &n0, &n1);
+  rows_of(x, w, y, M, K, N, n0, n1, add);
 }
 
 // This thread's share [begin, end) of n units of work.
@@ -232,21 +237,11 @@ static void silu_times(float* gate, const float* up, int M, int N) {
 // scratch. The query's own key is real, so no row is all -inf.
 static void attend(const float* q, const float* keys, const float* values, const uint8_t* real,
                    int S, int D, float* scores, float* out) {
-  int s = 0;
-  if (D % LANES == 0) {  // the keys as a weight matrix's rows to q: LANES at once, then fewer
-    for (; s + LANES <= S; s += LANES) tile<1, LANES>(q, keys, scores, 0, s, D, S, false);
-    for (; s + LANES / 2 <= S; s += LANES / 2)
-      tile<1, LANES / 2>(q, keys, scores, 0, s, D, S, false);
-    for (; s + 2 <= S; s += 2) tile<1, 2>(q, keys, scores, 0, s, D, S, false);
-  }
-  for (; s < S; ++s) {
-    float dot = 0.f;
-    for (int i = 0; i < D; ++i) dot += q[i] * keys[(int64_t)s * D + i];
-    scores[s] = dot;
-  }
+  rows_of(q, keys, scores, 1, D, S, 0, S, false);  // the keys as a weight matrix's rows to q
   const float scale = 1.f / std::sqrt((float)D);
   float top = -INFINITY;
-  for (s = 0; s < S; ++s) {
+  int s = 0;
+  for (; s < S; ++s) {
     scores[s] = (real && !real[s]) ? -INFINITY : scores[s] * scale;
     top = scores[s] > top ? scores[s] : top;
   }
