@@ -87,16 +87,32 @@ __attribute__((always_inline)) static inline vec sum_each(const vec* a) {
   return fold_all<LANES / 2>(r);
 }
 
+// Keeps v in a register. Without it GCC folds the loads of weights into the multiply-adds
+// as memory operands, loading each vector of weights once per row of a tile (1.7x slower).
+static inline void in_register(vec& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // y[m, n] = x[m] . w[n] for the MR rows from m0 and the NR weight rows from n0 (MR * NR <=
 // LANES dot products, K a multiple of LANES): each vector of weights loaded serves MR rows.
+// Every step of k also prefetches `lines` cache lines from `ahead`.
 template <int MR, int NR>
 __attribute__((always_inline)) static inline void tile(const float* x, const float* w, float* y,
-                                                       int m0, int n0, int K, int N, bool add) {
+                                                       int m0, int n0, int K, int N, bool add,
+                                                       const char* ahead, int lines) {
   static_assert(MR * NR <= LANES, "one accumulator per lane of the sums");
   vec acc[LANES] = {};
   for (int k = 0; k < K; k += LANES) {
+    for (int i = 0; i < lines; ++i) __builtin_prefetch(ahead + ((k / LANES) * lines + i) * 64);
     vec wk[NR];
-    for (int j = 0; j < NR; ++j) wk[j] = load(w + (int64_t)(n0 + j) * K + k);
+    for (int j = 0; j < NR; ++j) {
+      wk[j] = load(w + (int64_t)(n0 + j) * K + k);
+      if constexpr (MR > 1) in_register(wk[j]);
+    }
     for (int i = 0; i < MR; ++i) {
       vec xi = load(x + (int64_t)(m0 + i) * K + k);
       for (int j = 0; j < NR; ++j) acc[i * NR + j] += xi * wk[j];
@@ -111,13 +127,27 @@ __attribute__((always_inline)) static inline void tile(const float* x, const flo
 }
 
 // y[:, n0:n0 + NR] for all M rows: the NR weight rows are read from memory once, for the
-// first tile, and from cache for the others.
+// first tile, and from cache for the others. Meanwhile the tiles prefetch the next NR
+// weight rows, spread over their steps, so that these arrive while the current ones are
+// reused: 1.4x faster at batch 16, where the hardware prefetcher alone sees bursts of
+// misses between long stretches of hits. A single row reuses nothing and streams the
+// weights at a steady pace, which the hardware prefetcher serves better alone.
 template <int NR>
 static void weight_rows(const float* x, const float* w, float* y, int M, int n0, int K, int N,
                         bool add) {
-  int m = 0;
-  for (; m + LANES / NR <= M; m += LANES / NR) tile<LANES / NR, NR>(x, w, y, m, n0, K, N, add);
-  for (; m < M; ++m) tile<1, NR>(x, w, y, m, n0, K, N, add);
+  constexpr int MR = LANES / NR;
+  const int steps = (M / MR + M % MR) * (K / LANES);           // of all the tiles
+  const int next_lines = NR * K * (int)sizeof(float) / 64;     // in the next NR weight rows
+  const int lines = M > 1 ? (next_lines + steps - 1) / steps : 0;  // per step
+  const int tile_lines = lines * (K / LANES);
+  const char* next = (const char*)(w + (int64_t)(n0 + NR) * K);
+  int m = 0, first_line = 0;
+  for (; m + MR <= M; m += MR, first_line += tile_lines)
+    tile<MR, NR>(x, w, y, m, n0, K, N, add, next + first_line * 64,
+                 first_line < next_lines ? lines : 0);
+  for (; m < M; ++m, first_line += tile_lines)
+    tile<1, NR>(x, w, y, m, n0, K, N, add, next + first_line * 64,
+                first_line < next_lines ? lines : 0);
 }
 
 // This thread's share [n0, n1) of N outputs, in whole blocks of LANES (the last thread also
