@@ -262,43 +262,74 @@ static void silu_times(float* gate, const float* up, int M, int N) {
     }
 }
 
-// One head's attention: softmax(q . keys / sqrt(D)) @ values, for q (D), keys and values
-// (S, D), real (S) nonzero on the real keys (null: all are); scores: S + LANES floats of
-// scratch. The query's own key is real, so no row is all -inf.
-static void attend(const float* q, const float* keys, const float* values, const uint8_t* real,
-                   int S, int D, float* scores, float* out) {
-  rows_of(q, keys, scores, 1, D, S, 0, S, false);  // the keys as a weight matrix's rows to q
-  const float scale = 1.f / std::sqrt((float)D);
-  float top = -INFINITY;
+// out[g][i:i + LANES] = sum_s e[g][s] * values[s][i:i + LANES] * inv_total[g] for G heads'
+// exponentials e (head g's at g * stride) of S keys; the values of a key are loaded once for
+// the G heads. Each head sums its even and its odd keys apart (so that adds overlap), then
+// adds the two: the same order whatever G.
+template <int G>
+static inline void weigh_values(const float* e, int stride, const float* inv_total,
+                                const float* values, int S, int D, int i, float* out) {
+  vec even[G] = {}, odd[G] = {};
   int s = 0;
-  for (; s < S; ++s) {
-    scores[s] = (real && !real[s]) ? -INFINITY : scores[s] * scale;
-    top = scores[s] > top ? scores[s] : top;
+  for (; s + 1 < S; s += 2) {
+    vec v0 = load(values + (int64_t)s * D + i), v1 = load(values + (int64_t)(s + 1) * D + i);
+    for (int g = 0; g < G; ++g) {
+      even[g] += e[g * stride + s] * v0;
+      odd[g] += e[g * stride + s + 1] * v1;
+    }
   }
-  for (; s % LANES; ++s) scores[s] = -INFINITY;
-  vec total = {};
-  for (s = 0; s < S; s += LANES) {
-    vec e = exp_lanes(load(scores + s) - top);
-    store(scores + s, e);
-    total += e;
+  if (s < S) {
+    vec v0 = load(values + (int64_t)s * D + i);
+    for (int g = 0; g < G; ++g) even[g] += e[g * stride + s] * v0;
   }
-  const float inv_total = 1.f / sum_lanes(total);
+  for (int g = 0; g < G; ++g) store(out + g * D + i, (even[g] + odd[g]) * inv_total[g]);
+}
+
+// The attention of the `group` query heads q (group, D) that share one key/value head:
+// softmax(q[g] . keys / sqrt(D)) @ values for each, over keys and values (S, D) where real
+// (S) is nonzero (null: all are), into out (group, D). scores: group * (S + LANES + 1)
+// floats of scratch. Each key and value is read once for the group. The query's own key is real, so
+// no row is all -inf.
+static void attend(const float* q, const float* keys, const float* values, const uint8_t* real,
+                   int S, int D, int group, float* scores, float* out) {
+  const int stride = S + LANES;
+  rows_of(q, keys, scores, group, D, stride, 0, S, false);  // the keys as a weight's rows
+  float* inv_total = scores + group * stride;
+  const float scale = 1.f / std::sqrt((float)D);
+  for (int g = 0; g < group; ++g) {
+    float* p = scores + (int64_t)g * stride;
+    float top = -INFINITY;
+    int s = 0;
+    for (; s < S; ++s) {
+      p[s] = (real && !real[s]) ? -INFINITY : p[s] * scale;
+      top = p[s] > top ? p[s] : top;
+    }
+    for (; s % LANES; ++s) p[s] = -INFINITY;
+    vec total = {};
+    for (s = 0; s < S; s += LANES) {
+      vec e = exp_lanes(load(p + s) - top);
+      store(p + s, e);
+      total += e;
+    }
+    inv_total[g] = 1.f / sum_lanes(total);
+  }
   int i = 0;
   if (D % LANES == 0)
-    for (; i < D; i += LANES) {  // two sums, even and odd keys, so that adds overlap
-      vec even = {}, odd = {};
-      for (s = 0; s + 1 < S; s += 2) {
-        even += scores[s] * load(values + (int64_t)s * D + i);
-        odd += scores[s + 1] * load(values + (int64_t)(s + 1) * D + i);
-      }
-      if (s < S) even += scores[s] * load(values + (int64_t)s * D + i);
-      store(out + i, (even + odd) * inv_total);
+    for (; i < D; i += LANES) {
+      int g = 0;
+      for (; g + 4 <= group; g += 4)
+        weigh_values<4>(scores + g * stride, stride, inv_total + g, values, S, D, i, out + g * D);
+      for (; g + 2 <= group; g += 2)
+        weigh_values<2>(scores + g * stride, stride, inv_total + g, values, S, D, i, out + g * D);
+      for (; g < group; ++g)
+        weigh_values<1>(scores + g * stride, stride, inv_total + g, values, S, D, i, out + g * D);
     }
-  for (; i < D; ++i) {
-    float sum = 0.f;
-    for (s = 0; s < S; ++s) sum += scores[s] * values[(int64_t)s * D + i];
-    out[i] = sum * inv_total;
-  }
+  for (; i < D; ++i)
+    for (int g = 0; g < group; ++g) {
+      float sum = 0.f;
+      for (int s = 0; s < S; ++s) sum += scores[g * stride + s] * values[(int64_t)s * D + i];
+      out[g * D + i] = sum * inv_total[g];
+    }
 }
 
 extern "C" {
@@ -314,7 +345,7 @@ void lmforge_struct_sizes(int64_t* model, int64_t* layer) {
 int64_t lmforge_workspace_floats(const Model* m, int B, int S) {
   int64_t C = m->dim, QD = (int64_t)m->n_heads * m->head_dim;
   int64_t KD = (int64_t)m->n_kv_heads * m->head_dim;
-  int64_t scores = omp_get_max_threads() * ((int64_t)S + LANES);  // one row per thread
+  int64_t scores = (int64_t)omp_get_max_threads() * m->n_heads * (S + LANES + 1);
   return B * (2 * C + QD + 2 * KD + QD + 2 * (int64_t)m->ffn_dim) + scores;
 }
 
@@ -340,11 +371,11 @@ int lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int6
   float* att = v + B * KD;     // (B, QD) attention's output
   float* gate = att + B * QD;  // (B, F)
   float* up = gate + (int64_t)B * F;
-  float* scores_all = up + (int64_t)B * F;  // (threads, S + LANES)
+  float* scores_all = up + (int64_t)B * F;  // (threads, H, S + LANES + 1)
 
 #pragma omp parallel num_threads(omp_get_max_threads())
   {
-    float* scores = scores_all + (int64_t)omp_get_thread_num() * (S + LANES);
+    float* scores = scores_all + (int64_t)omp_get_thread_num() * H * (S + LANES + 1);
     int b0, b1;
     share(B, &b0, &b1);
     for (int b = b0; b < b1; ++b)
@@ -381,13 +412,14 @@ int lmforge_decode_step(const Model* m, int B, const int64_t* tokens, const int6
         }
       }
 #pragma omp barrier
-      // attention of each (row, head) over its S keys
+      // attention of each row's query heads over its S keys, by (row, key/value head)
+      share(B * K, &u0, &u1);
       for (int u = u0; u < u1; ++u) {
-        int b = u / H, head = u % H;
-        int64_t base = (((int64_t)l * B + b) * K + head / group) * S_max * D;
-        attend(q + (int64_t)b * QD + head * D, k_cache + base, v_cache + base,
-               valid ? valid + (int64_t)b * valid_stride : nullptr, S, D, scores,
-               att + (int64_t)b * QD + head * D);
+        int b = u / K, kv_head = u % K;
+        int64_t base = (((int64_t)l * B + b) * K + kv_head) * S_max * D;
+        int64_t at = (int64_t)b * QD + kv_head * group * D;
+        attend(q + at, k_cache + base, v_cache + base,
+               valid ? valid + (int64_t)b * valid_stride : nullptr, S, D, group, scores, att + at);
       }
 #pragma omp barrier
       product(att, L.o, x, B, QD, C, /*add=*/true);  // x += attention's output
