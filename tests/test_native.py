@@ -33,6 +33,8 @@ SHAPES = {
         qkv_bias=True,
         tie_embeddings=False,
     ),
+    # head dim 16, 3 query heads per key/value head (attention's values two heads, then one)
+    "groups-of-3": dict(dim=96, n_heads=6, n_kv_heads=2, ffn_dim=64, vocab_size=100),
     # 24 inputs: no whole vector anywhere, every product scalar
     "odd": dict(dim=24, n_heads=2, n_kv_heads=1, ffn_dim=40, vocab_size=50),
 }
