@@ -96,10 +96,11 @@ def test_the_native_step_computes_what_the_pytorch_step_does(make_model, name, b
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["head32", "tiny"])
+@pytest.mark.parametrize("name", ["head32", "tiny", "qwen-like", "groups-of-3"])
 def test_a_rows_logits_do_not_depend_on_the_batch_or_the_threads(make_model, name):
     # a step for row 2 alone, in a batch of 7 and with one thread, from the same cache (which
-    # PyTorch's prefill fills differently for batches of other sizes): the same, bit for bit
+    # PyTorch's prefill fills differently for batches of other sizes): the same, bit for bit.
+    # Alone, a row with one key/value head splits its query heads among the threads.
     model = shaped_model(make_model, name)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (7, 9), generator=gen)
