@@ -249,7 +249,8 @@ class NativeStep:
             raise ValueError(f"native decoding: valid must be ({B}, >= {S}) bool")
         tokens = tokens.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
-        need = self.lib.lmforge_workspace_floats(ctypes.byref(self.model), B, S)
+        # sized for the cache's last position: one allocation for a whole reply, not one a step
+        need = self.lib.lmforge_workspace_floats(ctypes.byref(self.model), B, cache.k.size(3))
         if self.work.numel() < need:
             self.work = torch.empty(need)
         logits = torch.empty(B, self.vocab)
